@@ -1,0 +1,96 @@
+"""Hyperparameter validation shared by every backend.
+
+Both ``sam_torch`` and ``sam_jax`` call these functions at construction time, so a bad
+value raises the same ``ValueError`` (same wording) whichever framework the user is in.
+Values that are not concrete (a JAX tracer under ``optax.inject_hyperparams`` or ``jit``)
+cannot be inspected and are accepted as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = [
+    "check_bool",
+    "check_nonnegative",
+    "check_positive",
+    "check_positive_int",
+    "check_unit_interval",
+    "validate_sam",
+]
+
+
+def _concrete_float(name: str, value: Any) -> float | None:
+    """Return ``value`` as a float, ``None`` if it is abstract (traced), or raise TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got the bool {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, complex):
+        raise TypeError(f"{name} must be a real number, got the complex number {value!r}")
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        if tuple(shape) != ():
+            raise ValueError(f"{name} must be a scalar, got an array of shape {tuple(shape)}")
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and "complex" in str(dtype):
+            raise TypeError(f"{name} must be a real number, got dtype {dtype}")
+        try:
+            return float(value)
+        except Exception:  # a tracer: its value is not known until run time
+            return None
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number >= 0."""
+    v = _concrete_float(name, value)
+    if v is not None and not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
+    v = _concrete_float(name, value)
+    if v is not None and not (math.isfinite(v) and v > 0.0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> None:
+    """Raise ``ValueError`` unless ``0 <= value <= 1`` (or ``< 1`` with ``closed_right=False``)."""
+    v = _concrete_float(name, value)
+    if v is None:
+        return
+    ok = math.isfinite(v) and v >= 0.0 and (v <= 1.0 if closed_right else v < 1.0)
+    if not ok:
+        bound = "]" if closed_right else ")"
+        raise ValueError(f"{name} must be in [0, 1{bound}, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is a bool (a truthy array is almost always a bug)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def validate_sam(*, rho: Any, eps: Any, eta: Any, adaptive: Any) -> None:
+    """Validate the hyperparameters every SAM/ASAM perturbation takes.
+
+    Raises:
+        ValueError: ``rho`` is negative or not finite, ``eps <= 0``, or ``eta < 0``.
+        TypeError: a value of the wrong type (``adaptive`` must be a bool).
+    """
+    check_nonnegative("rho", rho)
+    check_positive("eps", eps)
+    check_nonnegative("eta", eta)
+    check_bool("adaptive", adaptive)

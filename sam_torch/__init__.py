@@ -1,0 +1,12 @@
+"""sam_torch: Sharpness-Aware Minimization for PyTorch.
+
+``SAM(params, torch.optim.SGD, lr=0.1, rho=0.05)`` is a ``torch.optim.Optimizer``; the math
+is :mod:`sam_core`'s.
+"""
+
+from sam_core import __version__
+from sam_torch._bn import disable_running_stats
+from sam_torch._ops import TorchOps
+from sam_torch._sam import SAM
+
+__all__ = ["SAM", "TorchOps", "__version__", "disable_running_stats"]

@@ -1,0 +1,152 @@
+"""The torch adapter of :class:`sam_core.ArrayListOps`.
+
+Two implementations of the same operations, chosen per device like ``torch.optim`` does:
+
+* ``foreach=True``: multi-tensor ``torch._foreach_*`` kernels, a handful of launches per
+  operation whatever the number of tensors. The default on CUDA and other accelerators.
+* ``foreach=False``: one fused kernel per tensor writing straight into the preallocated
+  output (``torch.addcmul(..., out=)``), which makes one pass over memory where the
+  ``_foreach_*`` formulation needs three (copy, scale, add). On CPU the ``_foreach_*`` ops
+  are a loop over tensors anyway, so this is the faster path there and the default.
+
+Both paths keep scalars as 0-d tensors on the parameters' device (no ``.item()``, no host
+sync) and reduce in float32 at least, so half/bfloat16 norms do not overflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["TorchOps", "accumulation_dtype"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions and scalars use for parameters of ``dtype`` (float32 for half)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+class TorchOps:
+    """List-of-tensors operations for one homogeneous (device, dtype) list of parameters."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, foreach: bool) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.acc_dtype = accumulation_dtype(dtype)
+        self.foreach = foreach
+
+    # -- reductions -------------------------------------------------------------------
+    def _zero(self) -> Tensor:
+        return torch.zeros((), device=self.device, dtype=self.acc_dtype)
+
+    def sum_of_squares(self, xs: Sequence[Tensor]) -> Tensor:
+        if not xs:
+            return self._zero()
+        dtype = self.acc_dtype if self.acc_dtype != self.dtype else None
+        norms = torch._foreach_norm(list(xs), 2, dtype=dtype)
+        return torch.stack(norms).square().sum()
+
+    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        if not xs:
+            return self._zero()
+        parts = []
+        for x, y in zip(xs, ys, strict=True):
+            if self.acc_dtype != self.dtype:
+                # Low precision: accumulate in float32 (a transient per-tensor upcast).
+                parts.append(torch.dot(x.reshape(-1).to(self.acc_dtype), y.reshape(-1).to(self.acc_dtype)))
+            elif x.is_contiguous() and y.is_contiguous():
+                parts.append(torch.dot(x.view(-1), y.view(-1)))
+            else:  # e.g. channels_last: same strides for both, any element order will do
+                parts.append(torch.sum(x * y))
+        return torch.stack(parts).sum()
+
+    def sqrt(self, s: Tensor) -> Tensor:
+        return torch.sqrt(s)
+
+    # -- element-wise -----------------------------------------------------------------
+    def abs_add(self, xs: Sequence[Tensor], c: float, out: Sequence[Tensor] | None = None) -> list[Tensor]:
+        if self.foreach:
+            if out is None:
+                res = torch._foreach_abs(list(xs))
+            else:
+                res = list(out)
+                torch._foreach_copy_(res, list(xs))
+                torch._foreach_abs_(res)
+            torch._foreach_add_(res, c)
+            return res
+        if out is None:
+            return [torch.abs(x).add_(c) for x in xs]
+        for x, o in zip(xs, out, strict=True):
+            torch.abs(x, out=o).add_(c)
+        return list(out)
+
+    def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> list[Tensor]:
+        if self.foreach:
+            if out is None:
+                return list(torch._foreach_mul(list(xs), list(ys)))
+            res = list(out)
+            if not _same(res, xs):
+                torch._foreach_copy_(res, list(xs))
+            torch._foreach_mul_(res, list(ys))
+            return res
+        if out is None:
+            return [torch.mul(x, y) for x, y in zip(xs, ys, strict=True)]
+        for x, y, o in zip(xs, ys, out, strict=True):
+            torch.mul(x, y, out=o)
+        return list(out)
+
+    def add_scaled(
+        self,
+        xs: Sequence[Tensor],
+        ys: Sequence[Tensor],
+        scale: Tensor,
+        out: Sequence[Tensor] | None = None,
+    ) -> list[Tensor]:
+        scale = self._scalar(scale)
+        if self.foreach:
+            if out is None:
+                res = list(torch._foreach_mul(list(ys), scale))
+            else:
+                res = list(out)
+                if not _same(res, ys):
+                    torch._foreach_copy_(res, list(ys))
+                torch._foreach_mul_(res, scale)
+            torch._foreach_add_(res, list(xs))
+            return res
+        if out is None:
+            out = [torch.empty_like(x) for x in xs]
+        for x, y, o in zip(xs, ys, out, strict=True):
+            # One fused pass: o = x + y * scale, computed in the scale's (>= float32) precision.
+            torch.addcmul(x, y, scale.expand_as(y), out=o)
+        return list(out)
+
+    def scale(self, xs: Sequence[Tensor], s: Tensor, out: Sequence[Tensor] | None = None) -> list[Tensor]:
+        s = self._scalar(s)
+        if self.foreach:
+            if out is None:
+                return list(torch._foreach_mul(list(xs), s))
+            res = list(out)
+            if not _same(res, xs):
+                torch._foreach_copy_(res, list(xs))
+            torch._foreach_mul_(res, s)
+            return res
+        if out is None:
+            return [torch.mul(x, s.expand_as(x)).to(x.dtype) for x in xs]
+        for x, o in zip(xs, out, strict=True):
+            torch.mul(x, s.expand_as(x), out=o)
+        return list(out)
+
+    def _scalar(self, s: Tensor | float) -> Tensor:
+        if not isinstance(s, Tensor):
+            return torch.tensor(s, device=self.device, dtype=self.acc_dtype)
+        if s.device != self.device:
+            s = s.to(self.device, non_blocking=True)
+        return s
+
+
+def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))

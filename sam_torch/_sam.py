@@ -1,0 +1,390 @@
+r"""``sam_torch.SAM``: Sharpness-Aware Minimization as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+import sam_core
+
+from ._ops import TorchOps
+
+__all__ = ["SAM"]
+
+_SAM_KEYS = ("rho", "adaptive", "eta", "eps")
+
+
+class SAM(Optimizer):
+    r"""Sharpness-Aware Minimization (SAM) and Adaptive SAM (ASAM) around any base optimizer.
+
+    Each step evaluates the gradient at the perturbed point :math:`w + e(w)` and lets the
+    base optimizer apply it at :math:`w`:
+
+    .. math::
+
+        e(w) = \rho \, \frac{T_w^2 \, g}{\lVert T_w g \rVert_2 + \epsilon}, \qquad
+        T_w = \begin{cases} 1 & \text{SAM} \\ |w| + \eta & \text{ASAM} \end{cases}
+
+    References: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021; Kwon et al., "ASAM", ICML 2021. The math is
+    :mod:`sam_core`'s; this class adapts it to torch.
+
+    Two ways to drive it:
+
+    * ``step(closure)`` (the ``torch.optim`` contract): the closure zeroes the gradients,
+      computes the loss, calls ``backward()`` and returns the loss. ``step`` calls it at
+      :math:`w`, perturbs, calls it again at :math:`w + e`, restores :math:`w` and runs the
+      base optimizer; it returns the clean loss. This works in loops that only ever call
+      ``optimizer.step(closure)`` (e.g. Lightning's automatic optimization). Unlike the
+      older popular wrapper, whose ``step(closure)`` expects the first ``backward()`` to be
+      done already, the closure here is called for *both* passes.
+    * ``first_step()`` / ``second_step()``, exactly as users of that wrapper know them:
+      backward at :math:`w`, ``first_step()``, backward at :math:`w + e`, ``second_step()``.
+
+    Args:
+        params: parameters or parameter groups. Groups may set their own ``rho``,
+            ``adaptive``, ``eta`` and ``eps`` (e.g. exclude biases and norm layers from
+            adaptive scaling, as the ASAM authors do), and anything the base optimizer takes.
+        base_optimizer: an optimizer *class* (``torch.optim.SGD``, ``AdamW``, ...). It is
+            built on SAM's param groups, which the two share, so LR schedulers attached to
+            SAM drive it. Its state (momentum, Adam moments) is SAM's state.
+        rho: radius of the neighbourhood, :math:`\rho \ge 0`.
+        adaptive: ASAM's scale-invariant neighbourhood.
+        eta: ASAM's offset in :math:`T_w = |w| + \eta` (0.01 in the official code; 0
+            reproduces the popular wrapper's adaptive mode).
+        eps: added to the norm, :math:`\epsilon > 0`; a zero gradient gives a zero
+            perturbation, never NaN.
+        perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
+            kernel per tensor into a preallocated buffer) or ``"auto"``: per-tensor on CPU,
+            foreach elsewhere. Both give the same numbers.
+        storage: how :math:`w` is kept while the parameters hold :math:`w + e`.
+            ``"swap"``: :math:`w + e` is written into one persistent spare buffer per
+            parameter and the parameter's storage is swapped with it, then swapped back;
+            restore is exact and copies nothing. ``"copy"``: :math:`w + e` is copied into
+            the parameter and :math:`w` copied back (two buffers), for parameters that are
+            views into a larger storage or tensor subclasses such as DTensor, whose storage
+            must not change. ``"auto"`` picks ``"swap"`` when every parameter owns its
+            storage.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+
+    Between ``first_step()`` and ``second_step()`` the parameters hold :math:`w + e`;
+    :meth:`restore` puts :math:`w` back exactly, ``step(closure)`` does so if the closure
+    raises, and :meth:`state_dict` refuses to run so perturbed weights are never saved as
+    if they were the model.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        eps: float = 1e-12,
+        *,
+        perturb_impl: Literal["auto", "foreach", "per_tensor"] = "auto",
+        storage: Literal["auto", "swap", "copy"] = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+        if isinstance(base_optimizer, Optimizer):
+            raise TypeError(
+                "base_optimizer must be an optimizer class such as torch.optim.SGD, got an "
+                f"instance of {type(base_optimizer).__name__}; pass the class and its keyword "
+                "arguments instead: SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9)"
+            )
+        if not callable(base_optimizer):
+            raise TypeError(
+                "base_optimizer must be an optimizer class such as torch.optim.SGD, got "
+                f"{base_optimizer!r}"
+            )
+        if perturb_impl not in ("auto", "foreach", "per_tensor"):
+            raise ValueError(
+                f"perturb_impl must be 'auto', 'foreach' or 'per_tensor', got {perturb_impl!r}"
+            )
+        if storage not in ("auto", "swap", "copy"):
+            raise ValueError(f"storage must be 'auto', 'swap' or 'copy', got {storage!r}")
+        self._perturb_impl = perturb_impl
+        self._storage_choice = storage
+        self._building = True
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, eps=eps, **base_kwargs)
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self._building = False
+        # One set of groups and one state for both: schedulers, zero_grad, state_dict and
+        # the base optimizer all see the same dicts.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self._spare: dict[Tensor, Tensor] = {}
+        self._saved: dict[Tensor, Tensor] = {}
+        self._saved_swapped: list[tuple[Tensor, Tensor]] = []
+        self._saved_copied: list[tuple[Tensor, Tensor]] = []
+        self._perturbed = False
+        #: Norm the last perturbation was scaled by (``||g||``, or ``||T_w g||`` for ASAM),
+        #: a 0-d tensor on the parameters' device (reading it syncs; SAM never does).
+        self.grad_norm: Tensor | None = None
+        #: Clean and perturbed losses of the last ``step(closure)``; their difference is the
+        #: sharpness estimate ``L(w + e) - L(w)`` (see :attr:`sharpness`).
+        self.loss: Tensor | None = None
+        self.perturbed_loss: Tensor | None = None
+
+    # -- param groups -----------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated like the constructor's) to SAM and its base optimizer."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group["params"] = params
+        _check_group_params(params, index=len(self.param_groups))
+        for key in _SAM_KEYS:
+            param_group.setdefault(key, self.defaults[key])
+        sam_core.validate_sam(
+            rho=param_group["rho"],
+            eps=param_group["eps"],
+            eta=param_group["eta"],
+            adaptive=param_group["adaptive"],
+        )
+        if getattr(self, "_building", True):
+            super().add_param_group(param_group)
+        else:  # after construction the list is shared: let the base optimizer append it
+            self.base_optimizer.add_param_group(param_group)
+
+    # -- the two SAM passes -----------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        r"""Perturb every parameter with a gradient from :math:`w` to :math:`w + e(w)`.
+
+        Call after the backward pass at :math:`w`. Parameters without ``.grad`` are left
+        untouched. With ``zero_grad=True`` the gradients are cleared afterwards.
+        """
+        if self._perturbed:
+            raise RuntimeError(
+                "first_step() was called twice without second_step(): the parameters already "
+                "hold w + e. Call second_step() (or restore()) before perturbing again."
+            )
+        plan = self._plan()
+        sq_norm: Tensor | None = None
+        directions = []
+        for group, ops, params, grads, out in plan:
+            d, sq = sam_core.direction_and_sq_norm(
+                ops, params, grads, adaptive=group["adaptive"], eta=group["eta"], out=out
+            )
+            directions.append(d)
+            sq_norm = sq if sq_norm is None else sq_norm + sq.to(sq_norm.device)
+        if sq_norm is None:  # nothing has a gradient: nothing to perturb
+            self.grad_norm = None
+            self._perturbed = True
+            return
+        norm = torch.sqrt(sq_norm)
+        for (group, ops, params, _, out), d in zip(plan, directions, strict=True):
+            scale = sam_core.perturbation_scale(group["rho"], norm, group["eps"])
+            perturbed = sam_core.apply_perturbation(ops, params, d, scale, out=out)
+            self._install(params, perturbed)
+        self.grad_norm = norm
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore :math:`w` exactly and apply the base optimizer with the current gradient.
+
+        Call after the backward pass at :math:`w + e`.
+        """
+        if not self._perturbed:
+            raise RuntimeError(
+                "second_step() was called without first_step(): call first_step() after the "
+                "backward pass at w, then backward at w + e, then second_step()."
+            )
+        self.restore()
+        self.base_optimizer.step()
+        self._opt_called = True  # tells LR schedulers an optimizer step happened
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every perturbed parameter back at :math:`w`, bit for bit; no-op if not perturbed."""
+        for p, original in self._saved_swapped:
+            p.data = original
+        if self._saved_copied:
+            params = [p for p, _ in self._saved_copied]
+            saved = [s for _, s in self._saved_copied]
+            torch._foreach_copy_([p.data for p in params], saved)
+        self._saved_swapped = []
+        self._saved_copied = []
+        self._perturbed = False
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between ``first_step()`` and ``second_step()``/``restore()``."""
+        return self._perturbed
+
+    @property
+    def sharpness(self) -> Tensor | None:
+        r""":math:`L(w + e) - L(w)` of the last ``step(closure)`` (``None`` before one)."""
+        if self.loss is None or self.perturbed_loss is None:
+            return None
+        return self.perturbed_loss - self.loss
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One SAM step through the ``torch.optim`` closure contract; returns the clean loss.
+
+        The closure must zero the gradients, compute the loss, call ``backward()`` and return
+        the loss. It runs twice: at :math:`w` and at :math:`w + e`. If the second call raises
+        (including ``KeyboardInterrupt`` or an out-of-memory error), the parameters are
+        restored to :math:`w` before the exception propagates.
+        """
+        if closure is None:
+            raise RuntimeError(
+                "SAM.step() needs a closure: it evaluates the loss twice (at w and at w + e). "
+                "Pass one that zeroes the grads, computes the loss, calls backward() and "
+                "returns the loss, or call first_step() and second_step() yourself."
+            )
+        with torch.enable_grad():
+            loss = closure()
+        self.first_step()
+        try:
+            with torch.enable_grad():
+                perturbed_loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        self.loss = _detached(loss)
+        self.perturbed_loss = _detached(perturbed_loss)
+        return loss
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state and every group's hyperparameters (SAM's included).
+
+        Raises ``RuntimeError`` between ``first_step()`` and ``second_step()``: the
+        parameters then hold perturbed weights, so a checkpoint taken at that point would
+        not describe the model. Call ``second_step()`` or ``restore()`` first.
+        """
+        self._refuse_while_perturbed("state_dict()")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by :meth:`state_dict`; the base optimizer shares it."""
+        self._refuse_while_perturbed("load_state_dict()")
+        super().load_state_dict(state_dict)
+        # Optimizer.load_state_dict builds new group dicts and a new state: share them again.
+        self.base_optimizer.param_groups = self.param_groups
+        self.base_optimizer.state = self.state
+        for group in self.param_groups:
+            for key in _SAM_KEYS:
+                group.setdefault(key, self.defaults[key])
+
+    def _refuse_while_perturbed(self, what: str) -> None:
+        if self._perturbed:
+            raise RuntimeError(
+                f"{what} called between first_step() and second_step(): the parameters hold "
+                "the perturbed weights w + e, not the model. Call second_step() (or restore()) "
+                "first."
+            )
+
+    # -- internals --------------------------------------------------------------------
+    def _use_foreach(self, device: torch.device) -> bool:
+        if self._perturb_impl == "auto":
+            return device.type != "cpu"
+        return self._perturb_impl == "foreach"
+
+    def _use_swap(self, params: list[Tensor]) -> bool:
+        if self._storage_choice != "auto":
+            return self._storage_choice == "swap"
+        return all(_owns_storage(p) for p in params)
+
+    def _plan(self) -> list[tuple[dict[str, Any], TorchOps, list[Tensor], list[Tensor], list[Tensor]]]:
+        """Per group: its ops, the params with a grad, their grads and their spare buffers."""
+        plan = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"SAM does not support sparse gradients (parameter of shape "
+                        f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
+                    )
+            device, dtype = params[0].device, params[0].dtype
+            ops = TorchOps(device, dtype, foreach=self._use_foreach(device))
+            grads = [p.grad for p in params]
+            out = [self._spare_for(p) for p in params]
+            plan.append((group, ops, params, grads, out))
+        return plan
+
+    def _spare_for(self, p: Tensor) -> Tensor:
+        spare = self._spare.get(p)
+        if spare is None or spare.shape != p.shape or spare.dtype != p.dtype or spare.device != p.device:
+            spare = torch.empty_like(p.detach(), memory_format=torch.preserve_format)
+            self._spare[p] = spare
+        return spare
+
+    def _install(self, params: list[Tensor], perturbed: list[Tensor]) -> None:
+        """Make each parameter hold ``w + e`` and remember how to get ``w`` back."""
+        if self._use_swap(params):
+            for p, value in zip(params, perturbed, strict=True):
+                self._saved_swapped.append((p, p.data))
+                p.data = value
+            return
+        saved = []
+        for p in params:
+            buf = self._saved.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = torch.empty_like(p.detach(), memory_format=torch.preserve_format)
+                self._saved[p] = buf
+            saved.append(buf)
+        data = [p.data for p in params]
+        torch._foreach_copy_(saved, data)
+        torch._foreach_copy_(data, perturbed)
+        self._saved_copied.extend(zip(params, saved, strict=True))
+
+
+def _detached(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+def _owns_storage(p: Tensor) -> bool:
+    if type(p.data) is not Tensor:  # DTensor and other subclasses manage their storage
+        return False
+    nbytes = p.untyped_storage().nbytes()
+    return p.storage_offset() == 0 and nbytes == p.numel() * p.element_size()
+
+
+def _check_group_params(params: list[Any], index: int) -> None:
+    if not params:
+        return
+    seen: set[int] = set()
+    first = None
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"param group {index}: optimizer params must be tensors, got {type(p).__name__}"
+            )
+        if id(p) in seen:
+            raise ValueError(
+                f"param group {index} lists the same parameter (shape {tuple(p.shape)}) twice; "
+                "pass each parameter once (model.parameters() already deduplicates shared weights)"
+            )
+        seen.add(id(p))
+        if p.is_complex():
+            raise TypeError(
+                f"param group {index}: SAM does not support complex parameters (got {p.dtype}, "
+                f"shape {tuple(p.shape)}); optimize torch.view_as_real(param) instead"
+            )
+        if first is None:
+            first = p
+        elif p.device != first.device or p.dtype != first.dtype:
+            raise ValueError(
+                f"param group {index} mixes {first.dtype} on {first.device} with {p.dtype} on "
+                f"{p.device}; put parameters of each device and dtype in their own param group"
+            )
