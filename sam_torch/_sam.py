@@ -2,6 +2,7 @@ r"""``sam_torch.SAM``: Sharpness-Aware Minimization as a ``torch.optim.Optimizer
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -15,7 +16,9 @@ from ._ops import TorchOps
 
 __all__ = ["SAM"]
 
-_SAM_KEYS = ("rho", "adaptive", "eta", "eps")
+# Param-group keys SAM owns. SAM's epsilon is stored as "sam_eps" so that it never collides
+# with the base optimizer's own "eps" (Adam, AdamW, RMSprop, ...).
+_SAM_KEYS = ("rho", "adaptive", "eta", "sam_eps")
 
 
 class SAM(Optimizer):
@@ -57,7 +60,9 @@ class SAM(Optimizer):
         eta: ASAM's offset in :math:`T_w = |w| + \eta` (0.01 in the official code; 0
             reproduces the popular wrapper's adaptive mode).
         eps: added to the norm, :math:`\epsilon > 0`; a zero gradient gives a zero
-            perturbation, never NaN.
+            perturbation, never NaN. Stored per group as ``"sam_eps"`` so it never collides
+            with the base optimizer's own ``eps``; to set Adam's ``eps`` pass
+            ``functools.partial(torch.optim.Adam, eps=1e-6)`` as ``base_optimizer``.
         perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
             kernel per tensor into a preallocated buffer) or ``"auto"``: per-tensor on CPU,
             foreach elsewhere. Both give the same numbers.
@@ -108,10 +113,11 @@ class SAM(Optimizer):
             )
         if storage not in ("auto", "swap", "copy"):
             raise ValueError(f"storage must be 'auto', 'swap' or 'copy', got {storage!r}")
+        _check_no_key_collision(base_optimizer)
         self._perturb_impl = perturb_impl
         self._storage_choice = storage
         self._building = True
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, eps=eps, **base_kwargs)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, sam_eps=eps, **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._building = False
@@ -146,7 +152,7 @@ class SAM(Optimizer):
             param_group.setdefault(key, self.defaults[key])
         sam_core.validate_sam(
             rho=param_group["rho"],
-            eps=param_group["eps"],
+            eps=param_group["sam_eps"],
             eta=param_group["eta"],
             adaptive=param_group["adaptive"],
         )
@@ -183,7 +189,7 @@ class SAM(Optimizer):
             return
         norm = torch.sqrt(sq_norm)
         for (group, ops, params, _, out), d in zip(plan, directions, strict=True):
-            scale = sam_core.perturbation_scale(group["rho"], norm, group["eps"])
+            scale = sam_core.perturbation_scale(group["rho"], norm, group["sam_eps"])
             perturbed = sam_core.apply_perturbation(ops, params, d, scale, out=out)
             self._install(params, perturbed)
         self.grad_norm = norm
@@ -351,6 +357,23 @@ class SAM(Optimizer):
 
 def _detached(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
+
+
+def _check_no_key_collision(base_optimizer: Any) -> None:
+    """SAM's per-group keys must not be hyperparameters of the base optimizer (Adadelta's rho)."""
+    try:
+        names = set(inspect.signature(base_optimizer).parameters)
+    except (TypeError, ValueError):
+        return
+    clash = sorted(names.intersection(("rho", "adaptive", "eta", "sam_eps")))
+    if clash:
+        name = getattr(base_optimizer, "__name__", repr(base_optimizer))
+        raise ValueError(
+            f"base_optimizer {name} takes {clash[0]!r}, which SAM also stores in every param "
+            "group; both cannot share one group dict. Use another base optimizer, or wrap it so "
+            "that the argument is fixed (functools.partial does not help here: the group key "
+            "still collides)."
+        )
 
 
 def _owns_storage(p: Tensor) -> bool:
