@@ -94,7 +94,13 @@ def _version(module: str) -> str | None:
         mod = importlib.import_module(module)
     except Exception:
         return None
-    return str(getattr(mod, "__version__", "unknown"))
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+    return str(version)
 
 
 def machine_info(threads: int) -> dict[str, Any]:

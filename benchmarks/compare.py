@@ -144,6 +144,22 @@ class Sizes:
 
 FULL = Sizes(16, 8, 40, 16, 2, 64, 10, 5, 16)
 QUICK = Sizes(10, 1, 3, 10, 1, 8, 2, 2, 4)
+# On a GPU the CPU's WRN-16-2 at batch 64 would time kernel launches, not the step: the
+# whole step is measured on WRN-16-8 at batch 128, the CIFAR recipe's model and batch.
+GPU = Sizes(16, 8, 100, 16, 8, 128, 30, 5, 16)
+
+#: Where the torch sections run (``--device``); JAX uses its default backend.
+DEVICE = torch.device("cpu")
+
+
+def _sync(_: Any = None) -> None:
+    """Wait for the torch device's queued kernels (nothing to wait for on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def _torch_sync() -> Callable[[Any], None] | None:
+    return _sync if DEVICE.type != "cpu" else None
 
 
 # --------------------------------------------------------------------------------------
@@ -246,8 +262,8 @@ def _param_set(shapes: list[torch.Size], seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.randn(s, generator=gen).mul_(0.05).requires_grad_()
-        p.grad = torch.randn(s, generator=gen).mul_(0.01)
+        p = torch.randn(s, generator=gen).mul_(0.05).to(DEVICE).requires_grad_()
+        p.grad = torch.randn(s, generator=gen).mul_(0.01).to(DEVICE)
         params.append(p)
     return params
 
@@ -326,7 +342,7 @@ def _asam_perturb_current(params: list[torch.Tensor], grads: list[torch.Tensor],
     import sam_core
     from sam_torch._ops import TorchOps
 
-    ops = TorchOps(params[0].device, params[0].dtype, foreach=False)
+    ops = TorchOps(params[0].device, params[0].dtype, foreach=params[0].device.type != "cpu")
     d, sq = sam_core.direction_and_sq_norm(ops, params, grads, adaptive=True, eta=eta, out=out)
     scale = sam_core.perturbation_scale(rho, torch.sqrt(sq), eps)
     return sam_core.apply_perturbation(ops, params, d, scale, out=out)
@@ -344,7 +360,7 @@ def _asam_kernels(shapes: list[torch.Size], repeats: int) -> dict[str, Any]:
         "prototype: chunked fused passes":
             lambda: asam_perturb_chunked(ws, grads, outs["chunked"], ASAM_RHO, 0.01, 1e-12),
     }
-    times = interleaved_times(fns, repeats=repeats, warmup=2)
+    times = interleaved_times(fns, repeats=repeats, warmup=2, sync=_torch_sync())
     diff = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
                for a, b in zip(outs["chunked"], outs["current"], strict=True))
     rows = {name: summarize(ts) for name, ts in times.items()}
@@ -369,7 +385,8 @@ def section_overhead(sizes: Sizes, po: Any, po_err: str | None) -> dict[str, Any
         fns = {}
         for i, (name, build) in enumerate(builders.items()):
             fns[name] = _one_step(build(_param_set(shapes, seed=i)))
-        times = interleaved_times(fns, repeats=sizes.overhead_repeats, warmup=3)
+        times = interleaved_times(fns, repeats=sizes.overhead_repeats, warmup=3,
+                                  sync=_torch_sync())
         base = summarize(times["base SGD step"])
         rows = {}
         for name, ts in times.items():
@@ -379,7 +396,9 @@ def section_overhead(sizes: Sizes, po: Any, po_err: str | None) -> dict[str, Any
             rows[name] = s
         out["modes"][mode] = rows
         del fns
-    out["asam_kernels"] = _asam_kernels(shapes, sizes.overhead_repeats)
+    if DEVICE.type == "cpu":  # the chunked prototype is a CPU cache experiment
+        out["asam_kernels"] = _asam_kernels(shapes, sizes.overhead_repeats)
+    out["device"] = str(DEVICE)
     return out
 
 
@@ -463,12 +482,15 @@ def section_memory_torch(sizes: Sizes, po: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 def _torch_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def section_step_torch(sizes: Sizes, po: Any) -> dict[str, Any]:
     torch.manual_seed(0)
     model0, source = _torch_wrn(sizes.step_depth, sizes.step_width)
+    model0 = model0.to(DEVICE)
     x, y = _torch_batch(sizes.step_batch)
     kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
@@ -503,7 +525,7 @@ def section_step_torch(sizes: Sizes, po: Any) -> dict[str, Any]:
         m_po = copy.deepcopy(model0)
         fns["pytorch_optimizer.SAM foreach=True"] = sam_step_fn(
             m_po, po.SAM(m_po.parameters(), torch.optim.SGD, rho=RHO, foreach=True, **kw))
-    times = interleaved_times(fns, repeats=sizes.step_repeats, warmup=1)
+    times = interleaved_times(fns, repeats=sizes.step_repeats, warmup=2, sync=_torch_sync())
     base = summarize(times["torch SGD"])["median_ms"]
     rows = {}
     for name, ts in times.items():
@@ -511,7 +533,7 @@ def section_step_torch(sizes: Sizes, po: Any) -> dict[str, Any]:
         s["ratio_to_sgd"] = s["median_ms"] / base
         rows[name] = s
     return {"model": f"WRN-{sizes.step_depth}-{sizes.step_width} ({source})",
-            "batch": sizes.step_batch, "rows": rows}
+            "batch": sizes.step_batch, "device": str(DEVICE), "rows": rows}
 
 
 # --------------------------------------------------------------------------------------
@@ -649,7 +671,7 @@ def section_step_jax(sizes: Sizes, J: _Jax) -> dict[str, Any]:
         rows["sam_jax"]["ratio_to_optax_opaque"] = (
             rows["sam_jax"]["median_ms"] / rows["optax.contrib.sam opaque"]["median_ms"])
     return {"model": f"WRN-{sizes.step_depth}-{sizes.step_width} (examples.wrn_flax)",
-            "batch": sizes.step_batch, "rows": rows}
+            "batch": sizes.step_batch, "device": str(jax.devices()[0]), "rows": rows}
 
 
 def section_memory_jax(sizes: Sizes, J: _Jax) -> dict[str, Any]:
@@ -1089,7 +1111,8 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> str:
         f"Generated {results['generated']} by `{results['command']}` "
         f"({'quick smoke run, sizes are tiny' if results['quick'] else 'full run'}).", "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['threads']} threads; "
-        f"{m.get('gpu') or 'no GPU used'}. Python {m['python']}, torch {m['torch']}, "
+        f"{m.get('gpu') or 'no GPU present'}; torch sections on `{results.get('device', 'cpu')}`, "
+        f"JAX on `{results.get('jax_device', 'n/a')}`. Python {m['python']}, torch {m['torch']}, "
         f"jax {m['jax']}, optax {m['optax']}, flax {m['flax']}, "
         f"pytorch_optimizer {m['pytorch_optimizer'] or 'MISSING'}.", "",
         "Times are medians of interleaved repeats; on a shared machine compare ratios "
@@ -1263,6 +1286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch,jax (default) or one of them; the overhead section is torch's")
     p.add_argument("--threads", type=int, default=None,
                    help="torch/XLA threads (default: what the libraries pick)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of sections 1-3 (cpu, cuda, cuda:1, ...); on a GPU the "
+                        "whole step uses WRN-16-8 at batch 128. JAX uses its default backend "
+                        "(its GPU when jax[cuda] is installed). Default: cpu")
     return p
 
 
@@ -1274,7 +1301,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    sizes = QUICK if args.quick else FULL
+    global DEVICE
+    try:
+        DEVICE = torch.device(args.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device must be a torch device such as cpu or cuda, got "
+                         f"{args.device!r} ({exc})") from None
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device; use --device cpu")
+    sizes = QUICK if args.quick else (GPU if DEVICE.type == "cuda" else FULL)
+    if DEVICE.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if args.repeats is not None:
         if args.repeats < 1:
             raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
@@ -1288,11 +1325,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
         "machine": machine_info(torch.get_num_threads()),
+        "device": str(DEVICE),
         "peers": {"pytorch_optimizer": po_err or "present"},
         "errors": {},
     }
     J = _Jax()
     results["peers"]["jax"] = J.error or "present"
+    if J.error is None:
+        results["jax_device"] = str(J.jax.devices()[0])
 
     def run(key: str, fn: Callable[[], dict[str, Any]]) -> None:
         t0 = time.perf_counter()

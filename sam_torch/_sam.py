@@ -489,7 +489,9 @@ class SAM(Optimizer):
                         f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
                     )
             device, dtype = params[0].device, params[0].dtype
-            ops = TorchOps(device, dtype, foreach=self._use_foreach(device))
+            ops = TorchOps(
+                device, dtype, foreach=self._use_foreach(device), host_reads=_sync_is_cheap(device)
+            )
             grads = [p.grad for p in params]
             out = [self._spare_for(p) for p in params]
             plan.append((group, ops, params, grads, out))
