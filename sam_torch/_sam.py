@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -68,7 +69,14 @@ class SAM(Optimizer):
             ``functools.partial(torch.optim.Adam, eps=1e-6)`` as ``base_optimizer``.
         perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
             kernel per tensor into a preallocated buffer) or ``"auto"``: per-tensor on CPU,
-            foreach elsewhere. Both give the same numbers.
+            foreach elsewhere. Both give the same numbers. ``"compiled"``: the same
+            sam_core formulas fused by ``torch.compile`` into one reduction and one
+            element-wise kernel per tensor for ASAM groups (its five passes over memory
+            become two; SAM groups, which have nothing to fuse, keep the eager kernels). The
+            first step of a
+            parameter set compiles (seconds; on CPU a C++ compiler is needed); if compiling
+            fails SAM warns once and uses the eager kernels. Reductions are summed in
+            another order, so float32 results differ from eager in the last bits.
         storage: how :math:`w` is kept while the parameters hold :math:`w + e`.
             ``"swap"``: :math:`w + e` is written into one persistent spare buffer per
             parameter and the parameter's storage is swapped with it, then swapped back;
@@ -127,7 +135,7 @@ class SAM(Optimizer):
         eta: float = 0.01,
         eps: float = 1e-12,
         *,
-        perturb_impl: Literal["auto", "foreach", "per_tensor"] = "auto",
+        perturb_impl: Literal["auto", "foreach", "per_tensor", "compiled"] = "auto",
         storage: Literal["auto", "swap", "copy"] = "auto",
         skip_nonfinite: bool = True,
         **base_kwargs: Any,
@@ -145,9 +153,10 @@ class SAM(Optimizer):
                 "base_optimizer must be an optimizer class such as torch.optim.SGD, got "
                 f"{base_optimizer!r}; pass the class itself (not its name or an instance)"
             )
-        if perturb_impl not in ("auto", "foreach", "per_tensor"):
+        if perturb_impl not in ("auto", "foreach", "per_tensor", "compiled"):
             raise ValueError(
-                f"perturb_impl must be 'auto', 'foreach' or 'per_tensor', got {perturb_impl!r}"
+                "perturb_impl must be 'auto', 'foreach', 'per_tensor' or 'compiled', got "
+                f"{perturb_impl!r}"
             )
         if storage not in ("auto", "swap", "copy"):
             raise ValueError(f"storage must be 'auto', 'swap' or 'copy', got {storage!r}")
@@ -165,6 +174,7 @@ class SAM(Optimizer):
             )
         self.skip_nonfinite = skip_nonfinite
         self._perturb_impl = perturb_impl
+        self._compiled: Any = None  # CompiledPerturbation once built, False if it failed
         self._storage_choice = storage
         self._building = True
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, sam_eps=eps, **base_kwargs)
@@ -246,12 +256,41 @@ class SAM(Optimizer):
             self.zero_grad()
 
     def _perturb(self, plan: list[_GroupPlan]) -> None:
+        if self._perturb_impl == "compiled" and self._compiled is not False:
+            if self._compiled is None:
+                from sam_torch._compiled import CompiledPerturbation
+
+                self._compiled = CompiledPerturbation()
+            try:
+                self._perturb_with(plan, self._compiled)
+                return
+            except Exception as exc:
+                if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise
+                self.restore()
+                self._compiled = False
+                warnings.warn(
+                    f"SAM(perturb_impl='compiled'): torch.compile failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager "
+                    "kernels from now on (perturb_impl='auto' avoids this warning).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        self._perturb_with(plan, None)
+
+    def _perturb_with(self, plan: list[_GroupPlan], compiled: Any) -> None:
         sq_norm: Tensor | None = None
         directions = []
         for group, ops, params, grads, out in plan:
-            d, sq = sam_core.direction_and_sq_norm(
-                ops, params, grads, adaptive=group["adaptive"], eta=group["eta"], out=out
-            )
+            if compiled is not None and group["adaptive"]:  # d is recomputed in the kernel
+                d = None
+                sq = compiled.sq_norm(
+                    params, grads, adaptive=group["adaptive"], eta=group["eta"], acc_dtype=ops.acc_dtype
+                )
+            else:
+                d, sq = sam_core.direction_and_sq_norm(
+                    ops, params, grads, adaptive=group["adaptive"], eta=group["eta"], out=out
+                )
             directions.append(d)
             sq_norm = sq if sq_norm is None else sq_norm + sq.to(sq_norm.device)
         if sq_norm is None:  # nothing has a gradient: nothing to perturb
@@ -272,9 +311,15 @@ class SAM(Optimizer):
                     self._skip_base_step = True
                     self.step_skipped = True
                 return  # finite gradient, overflowing norm: e = 0 (rho / inf), nothing moves
-        for (group, ops, params, _, out), d in zip(plan, directions, strict=True):
+        for (group, ops, params, grads, out), d in zip(plan, directions, strict=True):
             scale = sam_core.perturbation_scale(group["rho"], norm, group["sam_eps"])
-            perturbed = sam_core.apply_perturbation(ops, params, d, scale, out=out)
+            if d is None:
+                perturbed = compiled.perturb_into(
+                    params, grads, out, scale, adaptive=group["adaptive"], eta=group["eta"],
+                    acc_dtype=ops.acc_dtype,
+                )
+            else:
+                perturbed = sam_core.apply_perturbation(ops, params, d, scale, out=out)
             self._install(params, perturbed)
 
     @torch.no_grad()

@@ -367,7 +367,7 @@ def test_disable_running_stats_keeps_running_statistics_from_clean_pass_only():
         (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
         (dict(eta=-0.01), ValueError, "eta must be a finite number >= 0, got -0.01"),
         (dict(adaptive="yes"), TypeError, "adaptive must be True or False, got str 'yes'"),
-        (dict(perturb_impl="cuda"), ValueError, "perturb_impl must be 'auto', 'foreach' or 'per_tensor'"),
+        (dict(perturb_impl="cuda"), ValueError, "perturb_impl must be 'auto', 'foreach', 'per_tensor' or 'compiled'"),
         (dict(storage="disk"), ValueError, "storage must be 'auto', 'swap' or 'copy'"),
     ],
 )
