@@ -129,7 +129,8 @@ class ScaledSAM:
             sam.second_step()  # raises the "without first_step()" error
         try:
             self.unscale_()
-            if sam.skip_nonfinite or _all_finite(_grads(sam)):
+            # SAM checks the perturbed gradient itself only under skip_nonfinite="both"
+            if sam._check_perturbed or _all_finite(_grads(sam)):
                 sam.second_step(zero_grad=zero_grad)
             else:
                 sam.restore()

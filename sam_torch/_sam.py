@@ -85,22 +85,27 @@ class SAM(Optimizer):
             views into a larger storage or tensor subclasses such as DTensor, whose storage
             must not change. ``"auto"`` picks ``"swap"`` when every parameter owns its
             storage.
-        skip_nonfinite: the policy for non-finite gradients (default ``True``). If the
-            gradient at :math:`w` holds an ``inf`` or ``NaN``, nothing is perturbed and the base
-            step is skipped; if the gradient at :math:`w + e` does, the weights are restored
-            and the base step is skipped. Either way the weights and the optimizer state are
-            unchanged and :attr:`step_skipped` is ``True``. Cost: on CPU, reading the 0-d
-            norm after the first pass (free there) and one read-only sum of squares of the
-            gradients after the second (confirmed with ``GradScaler``'s exact kernel only
-            when it is not finite). On accelerators ``first_step()`` does not sync: it
-            records a device-side flag (one pass over the clean gradient) and
-            perturbs anyway, which is harmless because :math:`w` is restored exactly; the one
-            host sync per step happens in ``second_step()``, which reads both flags together
-            (``GradScaler`` also syncs once per step; a step that is skipped takes a second). So on accelerators a non-finite clean
-            gradient still runs the perturbed pass (on non-finite weights) before the step is
-            skipped. ``False`` removes every check and sync and lets ``NaN`` reach the
-            weights, as ``torch.optim`` does. A finite gradient whose norm overflows the
-            accumulation dtype gives a zero perturbation (the step is a plain base step).
+        skip_nonfinite: the policy for non-finite gradients. ``"clean"`` (default): if the
+            gradient at :math:`w` holds an ``inf`` or ``NaN``, nothing is perturbed and the
+            base step is skipped; under ``step(closure)`` a non-finite perturbed loss skips
+            the step too. ``"both"`` (or ``True``) also checks the gradient at
+            :math:`w + e` (for the two-step API and NaNs that only the gradient shows).
+            A skipped step leaves the weights and the optimizer state unchanged and sets
+            :attr:`step_skipped`. ``False`` removes every check and sync and lets ``NaN``
+            reach the weights, as ``torch.optim`` does. Cost on CPU: ``"clean"`` reads the
+            0-d norm after the first pass (free there); ``"both"`` adds one read-only sum
+            of squares of the gradients after the second pass (about a fifth of an SGD
+            step on WRN-16-8; confirmed with ``GradScaler``'s exact kernel only when it is
+            not finite). On accelerators ``first_step()`` does not sync: it records a
+            device-side flag (one pass over the clean gradient) and perturbs anyway, which
+            is harmless because :math:`w` is restored exactly; the one host sync per step
+            happens in ``second_step()``, which reads the flags together (``GradScaler``
+            also syncs once per step; a skipped step may take a second). So on
+            accelerators a non-finite clean gradient still runs the perturbed pass (on
+            non-finite weights) before the step is skipped. A finite gradient whose norm
+            overflows the accumulation dtype gives a zero perturbation (the step is a
+            plain base step). With ``torch.amp.GradScaler`` use :class:`ScaledSAM`, which
+            checks both passes through the scaler whatever this policy.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Gradient accumulation over micro-batches: SAM's perturbation uses whatever gradient is
@@ -137,11 +142,15 @@ class SAM(Optimizer):
         *,
         perturb_impl: Literal["auto", "foreach", "per_tensor", "compiled"] = "auto",
         storage: Literal["auto", "swap", "copy"] = "auto",
-        skip_nonfinite: bool = True,
+        skip_nonfinite: bool | Literal["clean", "both"] = "clean",
         **base_kwargs: Any,
     ) -> None:
         sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
-        sam_core.check_bool("skip_nonfinite", skip_nonfinite)
+        if not (isinstance(skip_nonfinite, bool) or skip_nonfinite in ("clean", "both")):
+            raise TypeError(
+                "skip_nonfinite must be 'clean', 'both', True (= 'both') or False, got "
+                f"{type(skip_nonfinite).__name__} {skip_nonfinite!r}"
+            )
         if isinstance(base_optimizer, Optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class such as torch.optim.SGD, got an "
@@ -172,7 +181,10 @@ class SAM(Optimizer):
                 "params is empty: SAM got no parameters to optimize; pass "
                 "model.parameters() of a model that has parameters, or a list of param groups"
             )
+        #: The non-finite gradient policy as given (truthy unless ``False``).
         self.skip_nonfinite = skip_nonfinite
+        self._check_perturbed = skip_nonfinite is True or skip_nonfinite == "both"
+        self._perturbed_loss_finite: Tensor | None = None  # step(closure), policy "clean"
         self._perturb_impl = perturb_impl
         self._compiled: Any = None  # CompiledPerturbation once built, False if it failed
         self._storage_choice = storage
@@ -337,8 +349,16 @@ class SAM(Optimizer):
             )
         skip = self._skip_base_step
         clean_finite = self._clean_finite
+        loss_finite, self._perturbed_loss_finite = self._perturbed_loss_finite, None
         self.restore()
-        if not skip and self.skip_nonfinite:
+        if not skip and self.skip_nonfinite and not self._check_perturbed:
+            # Policy "clean": the clean gradient's flag (accelerators; CPU decided in
+            # first_step) and, under step(closure), the perturbed loss: 0-d reads only.
+            flag = clean_finite
+            if loss_finite is not None:
+                flag = loss_finite if flag is None else flag & loss_finite.to(flag.device)
+            skip = flag is not None and not bool(flag)  # the one host sync of the step
+        elif not skip and self.skip_nonfinite:
             grads = self._grads()
             # A read-only sum of squares first: finite for every finite gradient short of an
             # overflow, so the exact (read-and-rewrite) check only runs when it is not.
@@ -376,6 +396,7 @@ class SAM(Optimizer):
         self._perturbed = False
         self._skip_base_step = False
         self._clean_finite = None
+        self._perturbed_loss_finite = None
 
     @contextlib.contextmanager
     def perturbed(self, zero_grad: bool = True) -> Iterator[None]:
@@ -459,6 +480,8 @@ class SAM(Optimizer):
         except BaseException:
             self.restore()
             raise
+        if self.skip_nonfinite and not self._check_perturbed and isinstance(perturbed_loss, Tensor):
+            self._perturbed_loss_finite = torch.isfinite(perturbed_loss.detach()).all()
         self.second_step()
         self.loss = _detached(loss)
         self.perturbed_loss = _detached(perturbed_loss)

@@ -1001,6 +1001,9 @@ class MomentumSAM(_VariantSAM):
             storage=storage,
             **base_kwargs,
         )
+        # The gradient at w + e is the step's only gradient: SAM's default policy ("clean",
+        # the gradient the step is built from) means checking it here.
+        self._check_perturbed = bool(self.skip_nonfinite)
 
     def _momentum(self, p: Tensor) -> Tensor | None:
         state = self.state.get(p, {})

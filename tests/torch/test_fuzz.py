@@ -210,6 +210,8 @@ def test_nonfinite_gradient_in_either_pass_skips_the_step_bit_for_bit(case, bad,
     sam = SAM(
         params, torch.optim.SGD, lr=0.1, momentum=0.9, rho=case["rho"], adaptive=case["adaptive"],
         eta=case["eta"], storage=case["storage"], perturb_impl=case["impl"],
+        # the default policy checks the clean pass; the perturbed pass needs "both"
+        **({"skip_nonfinite": "both"} if bad_pass == 2 else {}),
     )
     w0_bits = [bits(p) for p in params]
     if bad_pass == 1:

@@ -54,7 +54,7 @@ BAD_HYPERPARAMETERS = [
     (dict(adaptive="yes"), TypeError, "adaptive must be True or False, got str 'yes'"),
     (dict(adaptive=1), TypeError, "adaptive must be True or False, got int 1"),
     (dict(adaptive=np.bool_(True)), TypeError, "adaptive must be True or False, got bool"),
-    (dict(skip_nonfinite=None), TypeError, "skip_nonfinite must be True or False, got NoneType"),
+    (dict(skip_nonfinite=None), TypeError, "skip_nonfinite must be 'clean', 'both', True (= 'both') or False, got NoneType"),
     (dict(perturb_impl="fast"), ValueError, "perturb_impl must be 'auto', 'foreach', 'per_tensor' or 'compiled'"),
     (dict(storage="disk"), ValueError, "storage must be 'auto', 'swap' or 'copy', got 'disk'"),
     (dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),  # the base optimizer's own check

@@ -140,7 +140,7 @@ def _poisoned_loss(model, x, t, poison: bool):
 
 
 @pytest.mark.parametrize("bad_pass", [1, 2])
-@pytest.mark.parametrize("skip_nonfinite", [True, False])
+@pytest.mark.parametrize("skip_nonfinite", ["clean", "both", True, False])
 def test_grad_scaler_skips_a_step_with_inf_in_either_pass(bad_pass, skip_nonfinite):
     data = make_data(3, seed=7)
     model = make_model(seed=3)
@@ -698,7 +698,7 @@ def test_nonfinite_clean_gradient_skips_the_step_by_default(bad, adaptive):
 @pytest.mark.parametrize("storage", ["swap", "copy"])
 def test_nonfinite_perturbed_gradient_restores_and_skips(storage):
     model = make_model(seed=33)
-    sam = SAM(model.parameters(), torch.optim.AdamW, lr=1e-2, storage=storage)
+    sam = SAM(model.parameters(), torch.optim.AdamW, lr=1e-2, storage=storage, skip_nonfinite="both")
     x, t = make_data(1, seed=34)[0]
     plain_sam_run(model, sam, [(x, t)])
     w0, s0 = snapshot(model), opt_state(sam)
@@ -710,6 +710,44 @@ def test_nonfinite_perturbed_gradient_restores_and_skips(storage):
     assert sam.step_skipped
     assert_bitwise(snapshot(model), w0)
     assert_bitwise(opt_state(sam), s0)
+
+
+@pytest.mark.parametrize("policy", ["clean", "both", True])
+def test_nonfinite_perturbed_loss_in_step_closure_skips_under_every_policy(policy):
+    model = make_model(seed=40)
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, skip_nonfinite=policy)
+    data = make_data(2, seed=41)
+    plain_sam_run(model, sam, data[:1])
+    w0, s0 = snapshot(model), opt_state(sam)
+    x, t = data[1]
+    calls = []
+
+    def closure():
+        sam.zero_grad()
+        loss = _poisoned_loss(model, x, t, bool(calls))  # finite at w, inf at w + e
+        calls.append(1)
+        loss.backward()
+        return loss
+
+    sam.step(closure)
+    assert len(calls) == 2 and sam.step_skipped
+    assert_bitwise(snapshot(model), w0)
+    assert_bitwise(opt_state(sam), s0)
+
+
+def test_default_policy_checks_the_clean_gradient_only_in_the_two_step_api():
+    # "clean" reads no gradient after the second pass (its cost is that of no check);
+    # a NaN that only the perturbed gradient shows needs skip_nonfinite="both".
+    model = make_model(seed=42)
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert sam.skip_nonfinite == "clean"
+    x, t = make_data(1, seed=43)[0]
+    mse(model, x, t).backward()
+    sam.first_step(zero_grad=True)
+    _poisoned_loss(model, x, t, True).backward()
+    sam.second_step(zero_grad=True)
+    assert not sam.step_skipped
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_skip_nonfinite_false_lets_nan_through_like_torch_optim():
@@ -757,16 +795,23 @@ class _HostReads:
             monkeypatch.setattr(torch.Tensor, name, wrapper)
 
 
-@pytest.mark.parametrize("bad_pass", [None, 1, 2])
+@pytest.mark.parametrize(
+    "policy, bad_pass", [("both", None), ("both", 1), ("both", 2), ("clean", None), ("clean", 1)]
+)
 @pytest.mark.parametrize("storage", ["swap", "copy"])
-def test_accelerator_policy_checks_both_passes_with_one_sync_in_second_step(bad_pass, storage, monkeypatch):
+def test_accelerator_policy_checks_the_passes_with_one_sync_in_second_step(
+    policy, bad_pass, storage, monkeypatch
+):
     # On accelerators first_step() records a device-side flag instead of syncing; CPU runs the
     # same code when _sync_is_cheap says no.
     data = make_data(2, seed=36)
 
     def run(deferred: bool):
         model = make_model(seed=37)
-        sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, adaptive=True, storage=storage)
+        sam = SAM(
+            model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, adaptive=True, storage=storage,
+            skip_nonfinite=policy,
+        )
         plain_sam_run(model, sam, data[:1])
         w0, s0 = snapshot(model), opt_state(sam)
         x, t = data[1]
@@ -786,7 +831,8 @@ def test_accelerator_policy_checks_both_passes_with_one_sync_in_second_step(bad_
     ref_model, ref_sam, _, _, _ = run(deferred=False)
     # The single host sync of a normal step; a skipped step confirms the fast (read-only)
     # check's negative with the exact one: a second sync, on that rare step only.
-    assert n_reads == (1 if bad_pass is None else 2)
+    # ("clean" reads only the clean pass's flag: one sync, skipped or not)
+    assert n_reads == (1 if bad_pass is None or policy == "clean" else 2)
     assert sam.step_skipped == (bad_pass is not None) == ref_sam.step_skipped
     assert_bitwise(snapshot(model), snapshot(ref_model))
     assert_bitwise(opt_state(sam), opt_state(ref_sam))
