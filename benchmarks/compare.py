@@ -142,7 +142,7 @@ class Sizes:
     agree_batch: int
 
 
-FULL = Sizes(16, 8, 40, 16, 2, 64, 10, 5, 16)
+FULL = Sizes(16, 8, 40, 16, 2, 64, 20, 5, 16)
 QUICK = Sizes(10, 1, 3, 10, 1, 8, 2, 2, 4)
 # On a GPU the CPU's WRN-16-2 at batch 64 would time kernel launches, not the step: the
 # whole step is measured on WRN-16-8 at batch 128, the CIFAR recipe's model and batch.
@@ -777,7 +777,7 @@ def section_variants(quick: bool, use_jax: bool) -> dict[str, Any]:
     from benchmarks import variants_cost
 
     ns = argparse.Namespace(width=8 if quick else 16, batch=8 if quick else 32, k=5,
-                            steps=5 if quick else 10, repeats=1 if quick else 5,
+                            steps=5 if quick else 10, repeats=1 if quick else 15,
                             threads=torch.get_num_threads())
     out: dict[str, Any] = {
         "model": f"6-conv BN net, width {ns.width}, batch {ns.batch}x3x32x32",
@@ -1286,7 +1286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="section 5: SGD, SAM and ASAM always, plus any SAM-family variant "
                         "of examples/optimizers.py (torch), e.g. gsam,looksam,msam")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats of section 1 (section 2 uses a fifth of it, at least 3)")
+                   help="timed repeats of section 1 (section 2 uses half of it, at least 3)")
     p.add_argument("--sections", type=_sections, default=SECTIONS,
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--backends", type=_backends, default=("torch", "jax"),
@@ -1323,7 +1323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.repeats < 1:
             raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
         sizes = dataclasses.replace(sizes, overhead_repeats=args.repeats,
-                                    step_repeats=max(3, args.repeats // 5))
+                                    step_repeats=max(3, args.repeats // 2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     po, po_err = _try_import("pytorch_optimizer")
