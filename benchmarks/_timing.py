@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "interleaved_times",
     "machine_info",
+    "paired_ratio",
     "summarize",
 ]
 
@@ -63,6 +64,27 @@ def interleaved_times(
         if gc_was_enabled:
             gc.enable()
     return times
+
+
+def paired_ratio(
+    a: list[float], b: list[float], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Median of the per-round ratios ``a[i] / b[i]`` and a 95% bootstrap interval of it.
+
+    ``a`` and ``b`` come from the same :func:`interleaved_times` run, so round ``i`` of each
+    saw the same machine load: the per-round ratio cancels a drift that the ratio of the two
+    medians keeps. The interval resamples rounds (percentile bootstrap, fixed seed).
+    """
+    import numpy as np
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio needs two equal, non-empty lists, got {len(a)} and {len(b)}")
+    r = np.asarray(a, dtype=np.float64) / np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boots = np.median(r[rng.integers(0, len(r), size=(n_boot, len(r)))], axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"median": float(np.median(r)), "ci95_low": float(lo), "ci95_high": float(hi),
+            "n": len(r)}
 
 
 def summarize(samples: list[float]) -> dict[str, float]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks import compare
-from benchmarks._timing import interleaved_times, summarize
+from benchmarks._timing import interleaved_times, paired_ratio, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,10 +113,17 @@ def test_quick_torch_run_with_cifar_files(tmp_path: Path) -> None:
 
 def test_quick_jax_sections(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_compare(["--quick", "--sections", "memory,agreement", "--out", str(out)])
+    proc = run_compare(["--quick", "--sections", "memory,agreement,step", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["errors"] == {}
+    steps = results["step_jax"]["rows"]
+    assert set(steps) == {"optax.sgd", "sam_jax", "optax.contrib.sam opaque",
+                          "optax.contrib.sam alternating"}
+    pr = steps["sam_jax"]["paired_ratio_to_optax_opaque"]
+    assert pr["n"] == steps["sam_jax"]["n"] and pr["ci95_low"] <= pr["median"] <= pr["ci95_high"]
+    report = (out / "report.md").read_text()
+    assert "sam_jax step <= optax.contrib.sam opaque (paired per-round ratio)" in report
     mem = results["memory_jax"]["rows"]
     assert mem["sam_jax"]["extra_buffers"] == pytest.approx(0.0, abs=1e-3)
     assert mem["optax.contrib.sam opaque"]["extra_buffers"] == pytest.approx(0.0, abs=1e-3)
@@ -211,6 +218,29 @@ def test_interleaved_times_calls_each_function_warmup_plus_repeats() -> None:
     assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5}
     s = summarize([0.001, 0.003, 0.002])
     assert s["median_ms"] == pytest.approx(2.0) and s["min_ms"] == pytest.approx(1.0)
+
+
+def test_paired_ratio_cancels_a_drift_that_the_ratio_of_medians_keeps() -> None:
+    # b is 2% faster than a in every round, under a load that drifts from 1x to 3x
+    load = np.linspace(1.0, 3.0, 21)
+    b = list(0.010 * load)
+    a = list(0.0102 * load)
+    pr = paired_ratio(a, b)
+    assert pr["median"] == pytest.approx(1.02, rel=1e-12)
+    assert pr["ci95_low"] == pytest.approx(1.02, rel=1e-12) == pr["ci95_high"]
+    assert pr["n"] == 21
+    # independent noise: the interval brackets the median and is deterministic
+    rng = np.random.default_rng(3)
+    a = list(0.01 * (1 + 0.05 * rng.standard_normal(15)))
+    b = list(0.01 * (1 + 0.05 * rng.standard_normal(15)))
+    pr = paired_ratio(a, b)
+    r = np.asarray(a) / np.asarray(b)
+    assert pr["median"] == pytest.approx(float(np.median(r)), rel=1e-15)
+    assert pr["ci95_low"] <= pr["median"] <= pr["ci95_high"]
+    assert pr["ci95_low"] < pr["ci95_high"]
+    assert paired_ratio(a, b) == pr
+    with pytest.raises(ValueError, match="equal, non-empty lists, got 2 and 1"):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_chunked_asam_prototype_matches_the_formula() -> None:
