@@ -6,7 +6,8 @@ Every factory returns an :class:`optax.GradientTransformationExtraArgs` whose
 point; it must be the **first** transformation of the chain, exactly as
 :func:`sam_jax.sam`. The math is :mod:`sam_core`'s (``sam_core._variants``) through
 :class:`~sam_jax.JaxOps`; everything is jit-safe (the full/cheap choice of LookSAM and
-every-k SAM is a ``lax.cond``, so a cheap step really runs one forward-backward pass).
+every-k SAM is a ``lax.cond`` under ``jit`` and a Python ``if`` outside it, so a cheap step
+really runs one forward-backward pass and never calls ``grad_fn``).
 
 ================  ============================================  ======================
 factory           what changes                                  grad_fn calls / step
@@ -243,8 +244,14 @@ def _check_k(k: Any) -> Any:
 
 def _branch(full_step: Any, predicate: Any, full: Callable, cheap: Callable) -> Any:
     """``full()`` or ``cheap()``: statically for a Python bool ``full_step``, else a
-    ``lax.cond`` on ``predicate`` (only the branch taken runs)."""
+    ``lax.cond`` on ``predicate`` (only the branch taken runs).
+
+    Outside ``jit`` the predicate is concrete and the branch is chosen in Python: ``lax.cond``
+    would trace (and so call) ``grad_fn`` in the full branch on every step, which a caller
+    counting its calls, or paying for them eagerly, would see on cheap steps too."""
     if full_step is None:
+        if not isinstance(predicate, jax.core.Tracer):
+            return full(None) if bool(predicate) else cheap(None)
         return jax.lax.cond(predicate, full, cheap, None)
     if not isinstance(full_step, bool):
         raise TypeError(
@@ -782,7 +789,8 @@ def looksam(
 
     (:func:`sam_core.looksam_direction`, :func:`sam_core.looksam_gradient`). The branch is
     a ``jax.lax.cond``, so under ``jit`` a reuse step costs one forward-backward pass (the
-    caller's clean one). Reference: Liu et al., "Towards Efficient and Scalable
+    caller's clean one); outside ``jit`` it is a Python ``if`` and ``grad_fn`` is not even
+    traced on reuse steps. Reference: Liu et al., "Towards Efficient and Scalable
     Sharpness-Aware Minimization", CVPR 2022 (``k=5``, ``alpha=0.7``).
 
     ``update`` also takes ``full_step``: a Python bool that chooses the branch statically

@@ -105,6 +105,37 @@ def test_grad_fn_call_counts_under_jit():
     assert n == 3
 
 
+@pytest.mark.parametrize("name", ["looksam", "everyk"])
+def test_eager_update_calls_grad_fn_on_full_steps_only_and_matches_jit(name):
+    # Outside jit a plain Python counter sees every grad_fn call (lax.cond would trace the
+    # full branch, calling grad_fn, on cheap steps too); the numbers equal the jitted run's.
+    variant = {"looksam": sam_jax.looksam, "everyk": sam_jax.every_k_sam}[name]
+
+    def make():
+        return optax.chain(variant(k=5), optax.sgd(LR, momentum=MOM))
+
+    batches = make_batches(10)
+    with jax_x64():
+        params0 = [jnp.asarray(p, jnp.float64) for p in init_mlp()]
+        jitted, n_jit, _ = _run(make(), params0, batches, count_calls=True)
+        tx = make()
+        params, state, calls = list(params0), tx.init(params0), []
+        step = []
+        for x, t in batches:
+            x, t = jnp.asarray(x), jnp.asarray(t)
+
+            def grad_fn(p, x=x, t=t):
+                calls.append(len(step))
+                return jax.value_and_grad(mlp_loss)(p, x, t)
+
+            grads = jax.grad(mlp_loss)(params, x, t)
+            updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+            params = optax.apply_updates(params, updates)
+            step.append(1)
+    assert calls == ([0, 5] if name == "looksam" else [4, 9]) and n_jit == 2
+    assert max_rel_diff([np.asarray(p) for p in params], jitted) < 1e-12
+
+
 def test_momentum_sam_needs_no_clean_gradient():
     params = [jnp.asarray(p, jnp.float32) for p in init_mlp()]
     x, t = (jnp.asarray(a, jnp.float32) for a in make_batches(1)[0])
