@@ -248,23 +248,22 @@ def test_paired_ratio_cancels_a_drift_that_the_ratio_of_medians_keeps() -> None:
         paired_ratio([1.0, 2.0], [1.0])
 
 
-def test_chunked_asam_prototype_matches_the_formula() -> None:
-    """w + rho T^2 g / (||T g|| + eps), T = |w| + eta, in float64, chunks straddling tensors."""
+def test_asam_perturbation_before_and_after_match_the_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    """w + rho T^2 g / (||T g|| + eps), T = |w| + eta, in float64, blocks cutting and grouping tensors."""
+    import sam_torch._sam as sam_impl
+
+    monkeypatch.setattr(sam_impl, "_CPU_BLOCK", 4)
     gen = torch.Generator().manual_seed(3)
-    shapes = [(7, 5), (3,), (4, 2, 3)]
+    shapes = [(7, 5), (3,), (1,), (4, 2, 3)]
     ws = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     gs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     t = [np.abs(w.numpy()) + 0.01 for w in ws]
     norm = np.sqrt(sum(np.sum((ti * g.numpy()) ** 2) for ti, g in zip(t, gs, strict=True)))
-    out = [torch.empty_like(w) for w in ws]
-    got = compare.asam_perturb_chunked(ws, gs, out, rho=0.5, eta=0.01, eps=1e-12, chunk=4)
-    for w, g, ti, o in zip(ws, gs, t, got, strict=True):
-        expected = w.numpy() + 0.5 * ti**2 * g.numpy() / (norm + 1e-12)
-        np.testing.assert_allclose(o.numpy(), expected, rtol=1e-13)
-    current = compare._asam_perturb_current(ws, gs, [torch.empty_like(w) for w in ws],
-                                            0.5, 0.01, 1e-12)
-    for a, b in zip(got, current, strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-13)
+    for fn in (compare.asam_perturb_per_tensor, compare.asam_perturb_blocked):
+        got = fn(ws, gs, [torch.empty_like(w) for w in ws], 0.5, 0.01, 1e-12)
+        for w, g, ti, o in zip(ws, gs, t, got, strict=True):
+            expected = w.numpy() + 0.5 * ti**2 * g.numpy() / (norm + 1e-12)
+            np.testing.assert_allclose(o.numpy(), expected, rtol=1e-13)
 
 
 def test_quick_accuracy_run_with_sam_family_variants(tmp_path: Path) -> None:

@@ -177,6 +177,37 @@ def test_perturbed_point_is_w_plus_e():
     opt.restore()
 
 
+@pytest.mark.parametrize("block", [1, 3, 8, 40, 1 << 18])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_asam_cache_blocks_give_the_formula(monkeypatch, block, transposed):
+    """The CPU ASAM direction is built a cache block at a time (tensors cut into views and
+    grouped); any block size, and a non-contiguous parameter (per-tensor fallback), give
+    w + rho T^2 g / ||T g|| in float64."""
+    import sam_torch._sam as sam_impl
+
+    monkeypatch.setattr(sam_impl, "_CPU_BLOCK", block)
+    p0 = ref.init_mlp(seed=11)
+    params = [torch.tensor(w) for w in p0]
+    if transposed:
+        params[0] = torch.tensor(p0[0].T.copy()).t()  # same values, column-major
+        assert not params[0].is_contiguous()
+    params = [nn.Parameter(w) for w in params]
+    g = np.random.default_rng(2)
+    grads = [g.standard_normal(w.shape) for w in p0]
+    for p, gr in zip(params, grads, strict=True):
+        p.grad = torch.tensor(gr)
+    opt = sam_torch.SAM(params, torch.optim.SGD, lr=0.1, rho=0.2, adaptive=True, eta=0.05)
+    opt.first_step()
+    e = ref.sam_perturbation(p0, grads, rho=0.2, adaptive=True, eta=0.05)
+    for p, w, ei in zip(params, p0, e, strict=True):
+        np.testing.assert_allclose(p.detach().numpy(), w + ei, rtol=1e-14, atol=1e-16)
+    norm = np.sqrt(sum(np.sum(((np.abs(w) + 0.05) * gr) ** 2) for w, gr in zip(p0, grads, strict=True)))
+    assert opt.grad_norm.item() == pytest.approx(norm, rel=1e-13)
+    opt.restore()
+    for p, w in zip(params, p0, strict=True):
+        np.testing.assert_array_equal(p.detach().numpy(), w)
+
+
 def test_params_without_grad_are_skipped_and_never_perturbed():
     model = make_mlp(ref.init_mlp(seed=11))
     frozen = model[0].weight
