@@ -68,8 +68,9 @@ class SAM(Optimizer):
             with the base optimizer's own ``eps``; to set Adam's ``eps`` pass
             ``functools.partial(torch.optim.Adam, eps=1e-6)`` as ``base_optimizer``.
         perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
-            kernel per tensor into a preallocated buffer) or ``"auto"``: per-tensor on CPU,
-            foreach elsewhere. Both give the same numbers. ``"compiled"``: the same
+            kernel per tensor into a preallocated buffer; on CPU ASAM's direction is built
+            a cache block at a time) or ``"auto"``: per-tensor on CPU, foreach elsewhere.
+            Both give the same numbers. ``"compiled"``: the same
             sam_core formulas fused by ``torch.compile`` into one reduction and one
             element-wise kernel per tensor for ASAM groups (its five passes over memory
             become two; SAM groups, which have nothing to fuse, keep the eager kernels). The
