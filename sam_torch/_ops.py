@@ -24,6 +24,10 @@ __all__ = ["TorchOps", "accumulation_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+#: On CPU, tensors below this many elements are handled by multi-tensor calls: for them the
+#: per-call Python overhead, not memory traffic, is the cost.
+SMALL_NUMEL = 1 << 14
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype reductions and scalars use for parameters of ``dtype`` (float32 for half)."""
@@ -51,9 +55,15 @@ class TorchOps:
         if not xs:
             return self._zero()
         if not self.foreach and self.acc_dtype == self.dtype and all(_plain_contiguous(x) for x in xs):
-            # CPU: a BLAS dot per tensor reads it once at memory speed; ``_foreach_norm``
-            # is a loop of ``linalg_vector_norm`` kernels there, about 1.8x slower.
-            return torch.stack([torch.dot(x.view(-1), x.view(-1)) for x in xs]).sum()
+            # CPU: a BLAS dot per large tensor reads it once at memory speed (``_foreach_norm``
+            # is a loop of ``linalg_vector_norm`` kernels there, about 1.8x slower); the small
+            # tensors (biases, norms: a few microseconds of Python each) go in one
+            # ``_foreach_norm`` call.
+            parts = [torch.dot(x.view(-1), x.view(-1)) for x in xs if x.numel() >= SMALL_NUMEL]
+            small = [x for x in xs if x.numel() < SMALL_NUMEL]
+            if small:
+                parts.append(torch.stack(torch._foreach_norm(small)).square().sum())
+            return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         dtype = self.acc_dtype if self.acc_dtype != self.dtype else None
         norms = torch._foreach_norm(list(xs), 2, dtype=dtype)
         return torch.stack(norms).square().sum()
@@ -136,8 +146,24 @@ class TorchOps:
             # scalar ``alpha`` is a cheaper kernel than ``addcmul`` with a broadcast scale.
             # The same value: the 0-d scale has the parameters' dtype, ``alpha`` is cast back.
             alpha = float(scale)
-            for x, y, o in zip(xs, ys, out, strict=True):
-                torch.add(x, y, alpha=alpha, out=o)
+            small = [
+                i for i, (x, y, o) in enumerate(zip(xs, ys, out, strict=True))
+                if x.numel() < SMALL_NUMEL and type(o) is Tensor
+                and o.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+            ]
+            if len(small) > 1:
+                # Small tensors: two multi-tensor calls instead of a Python call per tensor.
+                so = [out[i] for i in small]
+                sx = [xs[i] for i in small]
+                if not _same(so, sx):
+                    torch._foreach_copy_(so, sx)
+                torch._foreach_add_(so, [ys[i] for i in small], alpha=alpha)
+                done = set(small)
+            else:
+                done = set()
+            for i, (x, y, o) in enumerate(zip(xs, ys, out, strict=True)):
+                if i not in done:
+                    torch.add(x, y, alpha=alpha, out=o)
             return list(out)
         for x, y, o in zip(xs, ys, out, strict=True):
             # One fused pass: o = x + y * scale, computed in the scale's (>= float32) precision.

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 import sam_core
 
-from ._ops import TorchOps
+from ._ops import SMALL_NUMEL, TorchOps
 
 __all__ = ["SAM"]
 
@@ -694,11 +694,19 @@ def _finite_flag(tensors: Sequence[Tensor], fast: bool = False) -> Tensor | None
     for (device, dtype), ts in by_key.items():
         if fast and dtype in (torch.float32, torch.float64) and all(type(t) is Tensor for t in ts):
             if device.type == "cpu" and all(t.is_contiguous() for t in ts):
-                sq = torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in ts]).sum()
+                big = [t for t in ts if t.numel() >= SMALL_NUMEL]
+                # Small tensors: the exact multi-tensor check below is one call, cheaper
+                # than a Python-level dot per tensor.
+                ts = [t for t in ts if t.numel() < SMALL_NUMEL]
+                if big:
+                    sq = torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in big]).sum()
+                    flags.append(torch.isfinite(sq))
+                if not ts:
+                    continue
             else:
                 sq = torch.stack(torch._foreach_norm(ts)).sum()
-            flags.append(torch.isfinite(sq))
-            continue
+                flags.append(torch.isfinite(sq))
+                continue
         found_inf = torch.zeros((), dtype=torch.float32, device=device)
         one = torch.ones((), dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(ts, found_inf, one)
