@@ -151,18 +151,18 @@ class TorchOps:
                 if x.numel() < SMALL_NUMEL and type(o) is Tensor
                 and o.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
             ]
-            if len(small) > 1:
+            if len(small) < 2:
+                small = []  # nothing to batch: the per-tensor loop below does it all
+            else:
                 # Small tensors: two multi-tensor calls instead of a Python call per tensor.
                 so = [out[i] for i in small]
                 sx = [xs[i] for i in small]
                 if not _same(so, sx):
                     torch._foreach_copy_(so, sx)
                 torch._foreach_add_(so, [ys[i] for i in small], alpha=alpha)
-                done = set(small)
-            else:
-                done = set()
+            batched = set(small)
             for i, (x, y, o) in enumerate(zip(xs, ys, out, strict=True)):
-                if i not in done:
+                if i not in batched:
                     torch.add(x, y, alpha=alpha, out=o)
             return list(out)
         for x, y, o in zip(xs, ys, out, strict=True):

@@ -622,7 +622,7 @@ def _blocked_direction(
     in the L2 caches) before moving on, so each pass after the first reads the cache, not
     memory. Tensors larger than a block are cut into flat views; smaller ones are grouped.
     Only the summation order of the norm differs from the per-tensor passes. On the
-    WRN-16-8 parameter set this takes sam_torch's ASAM step from 2.82x to 2.71x the base
+    WRN-16-8 parameter set this takes sam_torch's ASAM step from 2.82x to 2.72x the base
     SGD step (``benchmarks/compare.py``, section 1).
     """
     parts = []
@@ -698,8 +698,8 @@ def _finite_flag(tensors: Sequence[Tensor], fast: bool = False) -> Tensor | None
                 # Small tensors: the exact multi-tensor check below is one call, cheaper
                 # than a Python-level dot per tensor.
                 ts = [t for t in ts if t.numel() < SMALL_NUMEL]
-                if big:
-                    sq = torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in big]).sum()
+                if big:  # all large: TorchOps reads each with one BLAS dot
+                    sq = TorchOps(device, dtype, foreach=False).sum_of_squares(big)
                     flags.append(torch.isfinite(sq))
                 if not ts:
                     continue
