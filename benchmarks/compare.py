@@ -1175,10 +1175,15 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> str:
         "within one run only (section 1 also gives the ratio of the fastest repeats, "
         "the least disturbed by other load). The targets use the medians.", "",
         "## Targets", "",
-        _table(["target", "measured", "holds"],
-               [[t, v, {True: "yes", False: "**no**", None: "n/a"}[h]]
-                for t, v, h in _targets(results)]), "",
     ]
+    targets = _targets(results)
+    if targets:
+        md += [_table(["target", "measured", "holds"],
+                      [[t, v, {True: "yes", False: "**no**", None: "n/a"}[h]]
+                       for t, v, h in targets]), ""]
+    else:
+        md += ["No target is measured by the sections of this run (targets: sections 1, 2, 3 "
+               "and 6).", ""]
     ov = results.get("overhead")
     md += ["## 1. Optimizer overhead", ""]
     if ov and "modes" in ov:

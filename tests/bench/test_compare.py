@@ -284,6 +284,11 @@ def test_quick_accuracy_run_with_sam_family_variants(tmp_path: Path) -> None:
     # the variants trained: their weights differ from SGD's (different test loss)
     assert runs["torch looksam"]["history"][0]["test_loss"] != runs["torch SGD"]["history"][0][
         "test_loss"]
+    # no section with a target ran: the report says so instead of an empty table
+    assert results["targets"] == []
+    report = (out / "report.md").read_text()
+    assert "No target is measured by the sections of this run" in report
+    assert "| target | measured | holds |" not in report
 
 
 def test_unknown_optimizer_is_refused_with_the_choices() -> None:
