@@ -611,6 +611,33 @@ def _blockable(ops: TorchOps, params: list[Tensor], grads: list[Tensor], out: li
     )
 
 
+class _BlockOps(TorchOps):
+    """:class:`TorchOps` for the blocks of :func:`_blocked_direction` (CPU, eager).
+
+    A block is usually one flat view, so the operations sam_core's direction uses take a
+    direct path for one-tensor lists: one torch call each, no per-list bookkeeping (on an
+    11M-parameter set that bookkeeping cost about as much as a pass over memory). Lists
+    of several tensors go through :class:`TorchOps`.
+    """
+
+    def abs_add(self, xs: Sequence[Tensor], c: float, out: Sequence[Tensor] | None = None) -> list[Tensor]:
+        if out is not None and len(xs) == 1:
+            torch.abs(xs[0], out=out[0]).add_(c)
+            return list(out)
+        return super().abs_add(xs, c, out=out)
+
+    def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> list[Tensor]:
+        if out is not None and len(xs) == 1 and out[0] is xs[0]:
+            xs[0].mul_(ys[0])
+            return list(out)
+        return super().mul(xs, ys, out=out)
+
+    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+        if len(xs) == 1 and xs[0].ndim == 1 and ys[0].ndim == 1:
+            return torch.dot(xs[0], ys[0])
+        return super().dot(xs, ys)
+
+
 def _blocked_direction(
     ops: TorchOps, params: list[Tensor], grads: list[Tensor], out: list[Tensor], eta: float
 ) -> tuple[list[Tensor], Tensor]:
@@ -620,11 +647,14 @@ def _blocked_direction(
     block), but its four element-wise passes and the reduction run over about
     ``_CPU_BLOCK`` elements (1 MiB per float32 array: ``w``, ``g`` and ``d`` of a block stay
     in the L2 caches) before moving on, so each pass after the first reads the cache, not
-    memory. Tensors larger than a block are cut into flat views; smaller ones are grouped.
-    Only the summation order of the norm differs from the per-tensor passes. On the
-    WRN-16-8 parameter set this takes sam_torch's ASAM step from 2.82x to 2.72x the base
-    SGD step (``benchmarks/compare.py``, section 1).
+    memory. A tensor larger than a block is cut into flat views, each computed on its own
+    through :class:`_BlockOps` (one torch call per operation); smaller tensors are grouped
+    until they fill a block. Only the summation order of the norm differs from the
+    per-tensor passes. On the WRN-16-8 parameter set this takes sam_torch's ASAM step from
+    2.82x to 2.60-2.64x the base SGD step, within about 3% of a hand-written loop of the
+    same kernels (``benchmarks/compare.py``, section 1, "eager floor").
     """
+    ops = _BlockOps(ops.device, ops.dtype, foreach=False)
     parts = []
     bw: list[Tensor] = []
     bg: list[Tensor] = []
@@ -632,20 +662,21 @@ def _blocked_direction(
     filled = 0
     for w, g, o in zip(params, grads, out, strict=True):
         n = w.numel()
-        if n > _CPU_BLOCK:
+        if n > _CPU_BLOCK:  # a block at a time, each its own one-tensor list
             wf, gf, of = w.view(-1), g.view(-1), o.view(-1)
-            pieces = [(wf[i:i + _CPU_BLOCK], gf[i:i + _CPU_BLOCK], of[i:i + _CPU_BLOCK])
-                      for i in range(0, n, _CPU_BLOCK)]
-        else:
-            pieces = [(w, g, o)]
-        for pw, pg, po in pieces:
-            bw.append(pw)
-            bg.append(pg)
-            bo.append(po)
-            filled += pw.numel()
-            if filled >= _CPU_BLOCK:
-                parts.append(sam_core.direction_and_sq_norm(ops, bw, bg, adaptive=True, eta=eta, out=bo)[1])
-                bw, bg, bo, filled = [], [], [], 0
+            for i in range(0, n, _CPU_BLOCK):
+                j = i + _CPU_BLOCK
+                parts.append(sam_core.direction_and_sq_norm(
+                    ops, (wf[i:j],), (gf[i:j],), adaptive=True, eta=eta, out=(of[i:j],)
+                )[1])
+            continue
+        bw.append(w)
+        bg.append(g)
+        bo.append(o)
+        filled += n
+        if filled >= _CPU_BLOCK:
+            parts.append(sam_core.direction_and_sq_norm(ops, bw, bg, adaptive=True, eta=eta, out=bo)[1])
+            bw, bg, bo, filled = [], [], [], 0
     if bw:
         parts.append(sam_core.direction_and_sq_norm(ops, bw, bg, adaptive=True, eta=eta, out=bo)[1])
     return list(out), torch.stack(parts).sum()
