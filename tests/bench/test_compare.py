@@ -259,7 +259,8 @@ def test_asam_perturbation_before_and_after_match_the_formula(monkeypatch: pytes
     gs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     t = [np.abs(w.numpy()) + 0.01 for w in ws]
     norm = np.sqrt(sum(np.sum((ti * g.numpy()) ** 2) for ti, g in zip(t, gs, strict=True)))
-    for fn in (compare.asam_perturb_per_tensor, compare.asam_perturb_blocked):
+    for fn in (compare.asam_perturb_per_tensor, compare.asam_perturb_blocked,
+               compare.asam_perturb_floor):
         got = fn(ws, gs, [torch.empty_like(w) for w in ws], 0.5, 0.01, 1e-12)
         for w, g, ti, o in zip(ws, gs, t, got, strict=True):
             expected = w.numpy() + 0.5 * ti**2 * g.numpy() / (norm + 1e-12)
