@@ -77,10 +77,10 @@ class TorchOps:
                 # Low precision: accumulate in float32 (a transient per-tensor upcast).
                 parts.append(torch.dot(x.reshape(-1).to(self.acc_dtype), y.reshape(-1).to(self.acc_dtype)))
             elif _plain_contiguous(x) and _plain_contiguous(y):
-                parts.append(torch.dot(x.view(-1), y.view(-1)))
+                parts.append(torch.dot(_flat(x), _flat(y)))
             else:  # channels_last (any element order will do), DTensor (no uneven view)
                 parts.append(torch.sum(x * y))
-        return torch.stack(parts).sum()
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
     def sqrt(self, s: Tensor) -> Tensor:
         return torch.sqrt(s)
@@ -114,7 +114,10 @@ class TorchOps:
         if out is None:
             return [torch.mul(x, y) for x, y in zip(xs, ys, strict=True)]
         for x, y, o in zip(xs, ys, out, strict=True):
-            torch.mul(x, y, out=o)
+            if o is x:  # in place: cheaper than ``out=`` on an aliased input
+                x.mul_(y)
+            else:
+                torch.mul(x, y, out=o)
         return list(out)
 
     def add_scaled(
@@ -206,6 +209,11 @@ def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
 def _plain_contiguous(x: Tensor) -> bool:
     """A plain (not DTensor or other subclass) contiguous tensor: ``view(-1)`` is valid."""
     return type(x) is Tensor and x.is_contiguous()
+
+
+def _flat(x: Tensor) -> Tensor:
+    """``x`` as 1-D (itself when it already is: no view to create)."""
+    return x if x.ndim == 1 else x.view(-1)
 
 
 def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:

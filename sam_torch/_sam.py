@@ -611,33 +611,6 @@ def _blockable(ops: TorchOps, params: list[Tensor], grads: list[Tensor], out: li
     )
 
 
-class _BlockOps(TorchOps):
-    """:class:`TorchOps` for the blocks of :func:`_blocked_direction` (CPU, eager).
-
-    A block is usually one flat view, so the operations sam_core's direction uses take a
-    direct path for one-tensor lists: one torch call each, no per-list bookkeeping (on an
-    11M-parameter set that bookkeeping cost about as much as a pass over memory). Lists
-    of several tensors go through :class:`TorchOps`.
-    """
-
-    def abs_add(self, xs: Sequence[Tensor], c: float, out: Sequence[Tensor] | None = None) -> list[Tensor]:
-        if out is not None and len(xs) == 1:
-            torch.abs(xs[0], out=out[0]).add_(c)
-            return list(out)
-        return super().abs_add(xs, c, out=out)
-
-    def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> list[Tensor]:
-        if out is not None and len(xs) == 1 and out[0] is xs[0]:
-            xs[0].mul_(ys[0])
-            return list(out)
-        return super().mul(xs, ys, out=out)
-
-    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-        if len(xs) == 1 and xs[0].ndim == 1 and ys[0].ndim == 1:
-            return torch.dot(xs[0], ys[0])
-        return super().dot(xs, ys)
-
-
 def _blocked_direction(
     ops: TorchOps, params: list[Tensor], grads: list[Tensor], out: list[Tensor], eta: float
 ) -> tuple[list[Tensor], Tensor]:
@@ -648,13 +621,13 @@ def _blocked_direction(
     ``_CPU_BLOCK`` elements (1 MiB per float32 array: ``w``, ``g`` and ``d`` of a block stay
     in the L2 caches) before moving on, so each pass after the first reads the cache, not
     memory. A tensor larger than a block is cut into flat views, each computed on its own
-    through :class:`_BlockOps` (one torch call per operation); smaller tensors are grouped
-    until they fill a block. Only the summation order of the norm differs from the
-    per-tensor passes. On the WRN-16-8 parameter set this takes sam_torch's ASAM step from
-    2.82x to 2.60-2.64x the base SGD step, within about 3% of a hand-written loop of the
-    same kernels (``benchmarks/compare.py``, section 1, "eager floor").
+    (a one-tensor list: one torch call per operation, no stack of partial norms); smaller
+    tensors are grouped until they fill a block. Only the summation order of the norm
+    differs from the per-tensor passes. On the WRN-16-8 parameter set this takes
+    sam_torch's ASAM step from 2.82x to 2.60-2.64x the base SGD step, the perturbation
+    within 1-4% of a hand-written loop of the same kernels (``benchmarks/compare.py``,
+    section 1, "eager floor").
     """
-    ops = _BlockOps(ops.device, ops.dtype, foreach=False)
     parts = []
     bw: list[Tensor] = []
     bg: list[Tensor] = []
