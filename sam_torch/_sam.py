@@ -624,7 +624,7 @@ def _blocked_direction(
     (a one-tensor list: one torch call per operation, no stack of partial norms); smaller
     tensors are grouped until they fill a block. Only the summation order of the norm
     differs from the per-tensor passes. On the WRN-16-8 parameter set this takes
-    sam_torch's ASAM step from 2.82x to 2.60-2.64x the base SGD step, the perturbation
+    sam_torch's ASAM step from 2.82x to 2.58-2.69x the base SGD step, the perturbation
     within 1-4% of a hand-written loop of the same kernels (``benchmarks/compare.py``,
     section 1, "eager floor").
     """
