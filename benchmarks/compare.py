@@ -350,21 +350,23 @@ def asam_perturb_floor(params: list[torch.Tensor], grads: list[torch.Tensor],
                        eps: float) -> list[torch.Tensor]:
     r"""Floor of the eager path: the blocked kernels as one hand-written loop, no Python layers.
 
-    The same torch calls as sam_torch's cache-blocked CPU path (``abs``, ``add``, ``mul``,
-    ``mul``, ``dot`` on each block of at most 256K elements, then :math:`w + s d` per
-    tensor), written inline here without sam_core, the adapter or the grouping of small
-    tensors: what the eager kernels cost once the library's own Python is taken away.
-    A benchmark reference only; the library computes this through sam_core.
+    The same torch calls as sam_torch's cache-blocked CPU path (``abs``, then
+    :math:`(t + \eta)^2` as one ``mse_loss`` pass, ``mul``, ``dot`` on each block of at
+    most 256K elements, then :math:`w + s d` per tensor), written inline here without
+    sam_core, the adapter or the grouping of small tensors: what the eager kernels cost
+    once the library's own Python is taken away. A benchmark reference only; the library
+    computes this through sam_core.
     """
     from sam_torch._sam import _CPU_BLOCK as block
 
+    neg_eta = torch.tensor(-eta, dtype=params[0].dtype)
     parts = []
     for w, g, o in zip(params, grads, out, strict=True):
         wf, gf, of = w.reshape(-1), g.reshape(-1), o.view(-1)
         for j in range(0, wf.numel(), block):
             ob, gb = of[j:j + block], gf[j:j + block]
-            torch.abs(wf[j:j + block], out=ob).add_(eta)
-            ob.mul_(ob)
+            torch.abs(wf[j:j + block], out=ob)
+            torch._C._nn.mse_loss(ob, neg_eta, 0, out=ob)  # (|w| + eta)^2
             ob.mul_(gb)
             parts.append(torch.dot(ob, gb))
     scale = rho / (float(torch.stack(parts).sum().sqrt()) + eps)

@@ -73,8 +73,7 @@ def direction_and_sq_norm(
     """
     if not adaptive:
         return list(grads), ops.sum_of_squares(grads)
-    t = ops.abs_add(params, eta, out=out)  # T_w = |w| + eta
-    t = ops.mul(t, t, out=t)  # T_w^2
+    t = ops.abs_add_square(params, eta, out=out)  # T_w^2 = (|w| + eta)^2
     d = ops.mul(t, grads, out=t)  # T_w^2 g
     # ||T_w g||^2 = <T_w^2 g, g>: one reduction over d and g, no second buffer for T_w g.
     return d, ops.dot(d, grads)

@@ -45,8 +45,9 @@ class ArrayListOps(Protocol[A, S]):  # pragma: no cover - a protocol has no body
         """Square root of a scalar."""
         ...
 
-    def abs_add(self, xs: Sequence[A], c: Any, out: Sequence[A] | None = None) -> list[A]:
-        """``|x| + c`` for each array."""
+    def abs_add_square(self, xs: Sequence[A], c: Any, out: Sequence[A] | None = None) -> list[A]:
+        """``(|x| + c)^2`` for each array (ASAM's :math:`T_w^2`), rounded as ``t = |x| + c``
+        then ``t * t`` in the arrays' dtype."""
         ...
 
     def mul(self, xs: Sequence[A], ys: Sequence[A], out: Sequence[A] | None = None) -> list[A]:
@@ -85,8 +86,9 @@ class NumpyOps:
     def sqrt(self, s: Any) -> np.float64:
         return np.float64(np.sqrt(s))
 
-    def abs_add(self, xs: Sequence[Any], c: Any, out: Any = None) -> list[np.ndarray]:
-        return [np.abs(x) + np.float64(c) for x in self._f64(xs)]
+    def abs_add_square(self, xs: Sequence[Any], c: Any, out: Any = None) -> list[np.ndarray]:
+        ts = [np.abs(x) + np.float64(c) for x in self._f64(xs)]
+        return [t * t for t in ts]
 
     def mul(self, xs: Sequence[Any], ys: Sequence[Any], out: Any = None) -> list[np.ndarray]:
         return [x * y for x, y in zip(self._f64(xs), self._f64(ys), strict=True)]

@@ -47,8 +47,9 @@ class JaxOps:
     def sqrt(self, s: Any) -> Any:
         return jnp.sqrt(s)
 
-    def abs_add(self, xs: Sequence[Any], c: Any, out: Any = None) -> list[Any]:
-        return [(jnp.abs(x) + jnp.asarray(c, x.dtype)).astype(x.dtype) for x in xs]
+    def abs_add_square(self, xs: Sequence[Any], c: Any, out: Any = None) -> list[Any]:
+        ts = [(jnp.abs(x) + jnp.asarray(c, x.dtype)).astype(x.dtype) for x in xs]
+        return [(t * t).astype(t.dtype) for t in ts]
 
     def mul(self, xs: Sequence[Any], ys: Sequence[Any], out: Any = None) -> list[Any]:
         return [(x * y).astype(x.dtype) for x, y in zip(xs, ys, strict=True)]

@@ -1,8 +1,8 @@
 r"""SAM's perturbation fused by ``torch.compile``: sam_core's formulas in two kernels per tensor.
 
-Eager PyTorch runs every element-wise operation of the ASAM direction
-:math:`d = T_w^2 g` (``abs``, ``add``, ``mul``, ``mul``, ``dot``) as its own pass over
-memory. Here the same :mod:`sam_core` functions are traced by ``torch.compile`` over a
+Eager PyTorch runs the element-wise operations of the ASAM direction
+:math:`d = T_w^2 g` (``abs``, the square of ``+ eta``, ``mul``, ``dot``) as passes of
+their own. Here the same :mod:`sam_core` functions are traced by ``torch.compile`` over a
 :class:`FusibleOps` adapter (functional, reductions written as ``sum`` of products), so
 Inductor fuses them into
 
@@ -55,8 +55,9 @@ class FusibleOps:
     def sqrt(self, s: Tensor) -> Tensor:
         return torch.sqrt(s)
 
-    def abs_add(self, xs: Sequence[Tensor], c: Any, out: Any = None) -> list[Tensor]:
-        return [torch.abs(x) + c for x in xs]
+    def abs_add_square(self, xs: Sequence[Tensor], c: Any, out: Any = None) -> list[Tensor]:
+        ts = [torch.abs(x) + c for x in xs]
+        return [t * t for t in ts]
 
     def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor], out: Any = None) -> list[Tensor]:
         return [x * y for x, y in zip(xs, ys, strict=True)]

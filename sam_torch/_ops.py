@@ -24,6 +24,9 @@ __all__ = ["TorchOps", "accumulation_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+#: ``mse_loss`` with ``out=`` (``torch._C._nn``: what ``torch.nn.functional.mse_loss`` calls).
+_MSE_LOSS = getattr(torch._C._nn, "mse_loss", None)
+
 #: On CPU, tensors below this many elements are handled by multi-tensor calls: for them the
 #: per-call Python overhead, not memory traffic, is the cost.
 SMALL_NUMEL = 1 << 14
@@ -47,6 +50,10 @@ class TorchOps:
         #: Whether a scalar may be read on the host (free on CPU, a pipeline stall elsewhere).
         self.host_reads = device.type == "cpu" if host_reads is None else host_reads
         self._constants: dict[float, Tensor] = {}
+        #: ``(t + c)^2`` as one CPU kernel (float32/float64: the rounding of two passes).
+        self._fused_square = (
+            _MSE_LOSS is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+        )
 
     # -- reductions -------------------------------------------------------------------
     def _zero(self) -> Tensor:
@@ -87,7 +94,9 @@ class TorchOps:
         return torch.sqrt(s)
 
     # -- element-wise -----------------------------------------------------------------
-    def abs_add(self, xs: Sequence[Tensor], c: float, out: Sequence[Tensor] | None = None) -> list[Tensor]:
+    def abs_add_square(
+        self, xs: Sequence[Tensor], c: float, out: Sequence[Tensor] | None = None
+    ) -> list[Tensor]:
         if self.foreach:
             if out is None:
                 res = torch._foreach_abs(list(xs))
@@ -96,12 +105,21 @@ class TorchOps:
                 _copy_all(res, list(xs))
                 torch._foreach_abs_(res)
             torch._foreach_add_(res, c)
+            torch._foreach_mul_(res, res)
             return res
         k = self._constant(c)
-        if out is None:
-            return [torch.abs(x).add_(k) for x in xs]
+        if out is None:  # new tensors (autograd can go through them)
+            ts = [torch.abs(x).add_(k) for x in xs]
+            return [t * t for t in ts]
+        neg = self._constant(-c) if self._fused_square else None
         for x, o in zip(xs, out, strict=True):
-            torch.abs(x, out=o).add_(k)
+            torch.abs(x, out=o)
+            if neg is not None and type(o) is Tensor:
+                # (|x| - (-c))^2 in one pass: mse_loss's element-wise kernel, diff * diff.
+                # Bit for bit ``o.add_(c).mul_(o)`` (negating c is exact), one pass fewer.
+                _MSE_LOSS(o, neg, 0, out=o)  # reduction 0: none
+            else:
+                o.add_(k).mul_(o)
         return list(out)
 
     def mul(self, xs: Sequence[Tensor], ys: Sequence[Tensor], out: Sequence[Tensor] | None = None) -> list[Tensor]:

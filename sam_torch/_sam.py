@@ -617,16 +617,17 @@ def _blocked_direction(
     r"""sam_core's ASAM direction :math:`T_w^2 g` and :math:`\lVert T_w g \rVert^2`, a cache block at a time.
 
     The same computation as :func:`sam_core.direction_and_sq_norm` (it is called on each
-    block), but its four element-wise passes and the reduction run over about
+    block), but its element-wise passes (``|w|``, :math:`(|w| + \eta)^2` fused into one
+    kernel on CPU, :math:`\cdot g`) and the reduction run over about
     ``_CPU_BLOCK`` elements (1 MiB per float32 array: ``w``, ``g`` and ``d`` of a block stay
     in the L2 caches) before moving on, so each pass after the first reads the cache, not
     memory. A tensor larger than a block is cut into flat views, each computed on its own
     (a one-tensor list: one torch call per operation, no stack of partial norms); smaller
     tensors are grouped until they fill a block. Only the summation order of the norm
     differs from the per-tensor passes. On the WRN-16-8 parameter set this takes
-    sam_torch's ASAM step from 2.82x to 2.58-2.69x the base SGD step, the perturbation
-    within 1-4% of a hand-written loop of the same kernels (``benchmarks/compare.py``,
-    section 1, "eager floor").
+    sam_torch's ASAM step from 2.82x to 2.42-2.53x the base SGD step (2.58-2.69x before
+    the fused square), the perturbation within 4-6% of a hand-written loop of the same
+    kernels (``benchmarks/compare.py``, section 1, "eager floor").
     """
     parts = []
     bw: list[Tensor] = []

@@ -75,25 +75,32 @@ def test_fast_finite_flag_may_flag_an_overflow_the_exact_check_clears(threshold)
     assert fast is (threshold > ts[0].numel())
 
 
+def _rounded(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float64 values rounded once to ``dtype`` and back (round to nearest even)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).double().numpy()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("use_out", [True, False])
-def test_abs_add_rounds_the_constant_like_a_plain_number(dtype, use_out):
-    """``|x| + c``: ``c`` rounded to the tensor's dtype, the sum in float32 (half) or the
-    dtype itself, as torch does with a plain number; the cached 0-d constant changes nothing."""
+def test_abs_add_square_rounds_like_two_passes(dtype, foreach, use_out):
+    """``(|x| + c)^2`` as ``t = |x| + c`` then ``t * t``, each rounded to the dtype, with ``c``
+    rounded to the dtype as torch does with a plain number. On CPU float32/float64 this is
+    one fused kernel and a cached 0-d constant: the values must not change."""
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(s, generator=g).to(dtype) for s in [(3000,), (7, 5), ()]]
-    ops = TorchOps(torch.device("cpu"), dtype, foreach=False)
+    ops = TorchOps(torch.device("cpu"), dtype, foreach=foreach)
     out = [torch.empty_like(x) for x in xs] if use_out else None
     for c in (0.01, 0.3, 0.01):  # the repeated value comes from the cache
-        res = ops.abs_add(xs, c, out=out)
-        c_rounded = np.float64(torch.tensor(c, dtype=dtype).item())
+        res = ops.abs_add_square(xs, c, out=out)
+        c_rounded = torch.tensor(c, dtype=dtype).item()
         for x, r in zip(xs, res, strict=True):
-            a = np.abs(x.to(torch.float64).numpy())
-            if dtype == torch.float64:
-                ref = a + c
-            else:  # both operands are exact in float32; one rounding to float32, then to dtype
-                ref = np.asarray(a.astype(np.float32) + np.float32(c_rounded), dtype=np.float64)
-                ref = torch.from_numpy(ref).to(dtype).to(torch.float64).numpy()
+            a = np.abs(x.double().numpy())
+            # Both sums and products are exact in float64 for these dtypes (float64 itself
+            # aside, where NumPy rounds the same way), so one rounding each reproduces torch.
+            t = a + c if dtype == torch.float64 else _rounded(a + c_rounded, dtype)
+            ref = t * t if dtype == torch.float64 else _rounded(t * t, dtype)
             assert r.dtype == dtype
-            np.testing.assert_array_equal(r.to(torch.float64).numpy(), ref)
-            assert torch.equal(r, torch.abs(x).add_(c))  # the plain number's result
+            np.testing.assert_array_equal(r.double().numpy(), ref)
+            two_passes = torch.abs(x).add_(c)
+            assert torch.equal(r, two_passes.mul_(two_passes))
