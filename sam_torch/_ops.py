@@ -210,12 +210,14 @@ class TorchOps:
         return list(out)
 
     def _constant(self, c: float | Tensor) -> float | Tensor:
-        """``c`` as a 0-d CPU tensor of the parameters' dtype, made once per value.
+        """``c`` as a 0-d CPU tensor of the parameters' dtype, made once per value and instance.
 
-        On CPU, ``x.add_(python_float)`` wraps the number in a double tensor and converts it
-        on every call: about 3 us of dispatch against 1 us with a 0-d tensor of ``x``'s
-        dtype, and the cache-blocked ASAM direction makes about 80 such calls a step. The
-        result is the same: torch rounds a plain number to the tensor's dtype too (half
+        The fused square needs its ``-eta`` as a tensor. Where ``add_`` runs instead (half
+        precision, DTensors), the tensor is also the cheaper operand: ``x.add_(python_float)``
+        wraps the number in a double tensor and converts it on every call, about 3 us of
+        dispatch against 1 us, and the cache-blocked direction makes about 80 calls a step
+        (``SAM`` builds one ``TorchOps`` per group and step, so that is the cache's reach).
+        The result is the same: torch rounds a plain number to the tensor's dtype too (half
         precision then adds in float32 either way). Other devices keep the plain number
         (a 0-d device tensor would be a transfer).
         """
