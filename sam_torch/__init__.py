@@ -6,7 +6,7 @@ is :mod:`sam_core`'s.
 
 from sam_core import __version__
 from sam_torch._amp import ScaledSAM
-from sam_torch._bn import disable_running_stats
+from sam_torch._bn import disable_running_stats, enable_running_stats
 from sam_torch._distributed import clean_pass
 from sam_torch._ops import TorchOps
 from sam_torch._sam import SAM
@@ -39,5 +39,6 @@ __all__ = [
     "__version__",
     "clean_pass",
     "disable_running_stats",
+    "enable_running_stats",
     "normalization_parameters",
 ]

@@ -129,15 +129,14 @@ class ScaledSAM:
             sam.second_step()  # raises the "without first_step()" error
         try:
             self.unscale_()
-            # SAM checks the perturbed gradient itself only under skip_nonfinite="both"
-            if sam._check_perturbed or _all_finite(_grads(sam)):
+            # SAM checks the perturbed gradient itself unless skip_nonfinite=False
+            if sam.skip_nonfinite or _all_finite(_grads(sam)):
                 sam.second_step(zero_grad=zero_grad)
             else:
                 sam.restore()
-                sam.step_skipped = True
-                sam._opt_called = True
                 if zero_grad:
                     sam.zero_grad()
+                sam._finish_step(True)
         except BaseException:
             sam.restore()
             raise
@@ -156,16 +155,18 @@ class ScaledSAM:
             raise TypeError(
                 f"closure must be a callable taking no arguments, got {type(closure).__name__}"
             )
+        sam.zero_grad()
         with torch.enable_grad():
             loss = closure()
         self.first_step()
         if sam.step_skipped:  # non-finite clean gradient: skip the perturbed pass too
             sam.restore()
-            sam._opt_called = True
             sam.loss, sam.perturbed_loss = _detached(loss), None
+            sam._finish_step(True)
             return loss
         try:
-            with torch.enable_grad():
+            sam.zero_grad()
+            with torch.enable_grad(), sam._frozen_stats():
                 perturbed_loss = closure()
         except BaseException:
             sam.restore()
