@@ -298,5 +298,5 @@ def test_disable_running_stats_plain_call_and_context_manager():
     sam_torch.disable_running_stats(plain)
     sam_torch.enable_running_stats(plain)
     assert not plain.track_running_stats
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
         sam_torch.disable_running_stats([bn])
