@@ -943,9 +943,10 @@ def _check_no_key_collision(base_optimizer: Any) -> None:
         name = getattr(base_optimizer, "__name__", repr(base_optimizer))
         raise ValueError(
             f"base_optimizer {name} takes {clash[0]!r}, which SAM also stores in every param "
-            "group; both cannot share one group dict. Use another base optimizer, or wrap it so "
-            "that the argument is fixed (functools.partial does not help here: the group key "
-            "still collides)."
+            f"group under that name (SAM's {clash[0]!r}); SAM and its base optimizer share the "
+            "group dicts, so each would read the other's value, and no keyword argument can "
+            "separate them. Use another base optimizer (torch.optim.SGD, Adam, AdamW, RMSprop, "
+            "Adagrad, ... have no such argument)."
         )
 
 
