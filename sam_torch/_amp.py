@@ -46,8 +46,13 @@ class ScaledSAM:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             amp.second_step(zero_grad=True)      # restore, base step unless inf, update
 
-    Closure API (``amp.step(closure)``): the closure zeroes the gradients, runs the forward
-    under autocast, calls ``amp.scale(loss).backward()`` and returns the loss.
+    Closure API (``amp.step(closure)``): the closure runs the forward under autocast, calls
+    ``amp.scale(loss).backward()`` and returns the loss; the gradients are set to ``None``
+    before each call. This is also the way to use float16 mixed precision with Lightning:
+    manual optimization (``self.automatic_optimization = False``) with a ``ScaledSAM`` in
+    ``training_step``; Lightning's ``precision="16-mixed"`` under automatic optimization
+    calls ``scaler.step(optimizer)`` without a closure, which SAM cannot run and refuses
+    with an error that says so (``"bf16-mixed"`` needs no scaler and works).
 
     Semantics:
 
@@ -108,22 +113,29 @@ class ScaledSAM:
             self._unscaled = False
             self.scaler.update()
 
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Unscale the clean gradient, update the scaler and perturb (unless it is not finite)."""
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """Unscale the clean gradient, update the scaler and perturb (unless it is not finite).
+
+        ``loss``: the clean (unscaled) loss, optional, for :attr:`SAM.loss` and
+        :attr:`SAM.sharpness`.
+        """
         sam = self.optimizer
         if sam.is_perturbed:  # before unscaling, so the scaler is left as it was
             sam.first_step()  # raises the "called twice" error
         try:
             self.unscale_()
             if sam.skip_nonfinite or _all_finite(_grads(sam)):
-                sam.first_step(zero_grad=zero_grad)
+                sam.first_step(zero_grad=zero_grad, loss=loss)
             else:  # the optimizer lets NaN through; the scaler must not
                 sam._enter_skipped_step(zero_grad=zero_grad)
         finally:
             self._end_pass()
 
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Unscale the perturbed gradient, restore :math:`w`, step unless it is not finite."""
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """Unscale the perturbed gradient, restore :math:`w`, step unless it is not finite.
+
+        ``loss``: the perturbed (unscaled) loss, optional, for :attr:`SAM.perturbed_loss`.
+        """
         sam = self.optimizer
         if not sam.is_perturbed:
             sam.second_step()  # raises the "without first_step()" error
@@ -131,7 +143,7 @@ class ScaledSAM:
             self.unscale_()
             # SAM checks the perturbed gradient itself unless skip_nonfinite=False
             if sam.skip_nonfinite or _all_finite(_grads(sam)):
-                sam.second_step(zero_grad=zero_grad)
+                sam.second_step(zero_grad=zero_grad, loss=loss)
             else:
                 sam.restore()
                 if zero_grad:
@@ -146,8 +158,10 @@ class ScaledSAM:
     def step(self, closure: Callable[[], Any]) -> Any:
         """One SAM step with the closure called at :math:`w` and at :math:`w + e`.
 
-        The closure zeroes the gradients, computes the loss under autocast, calls
-        ``amp.scale(loss).backward()`` and returns the (unscaled) loss, which this returns.
+        The closure computes the loss under autocast, calls ``amp.scale(loss).backward()``
+        and returns the (unscaled) loss, which this returns; the gradients are set to
+        ``None`` before each call. With ``SAM(..., model=model)`` the perturbed call runs
+        with the model's batch-norm running statistics frozen.
         If the second call raises, :math:`w` is restored before the exception propagates.
         """
         sam = self.optimizer

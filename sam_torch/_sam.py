@@ -48,20 +48,40 @@ class SAM(Optimizer):
 
     Two ways to drive it:
 
-    * ``step(closure)`` (the ``torch.optim`` contract): the closure zeroes the gradients,
-      computes the loss, calls ``backward()`` and returns the loss. ``step`` calls it at
-      :math:`w`, perturbs, calls it again at :math:`w + e`, restores :math:`w` and runs the
-      base optimizer; it returns the clean loss. This works in loops that only ever call
-      ``optimizer.step(closure)`` (e.g. Lightning's automatic optimization). Unlike the
-      older popular wrapper, whose ``step(closure)`` expects the first ``backward()`` to be
-      done already, the closure here is called for *both* passes.
+    * ``step(closure)`` (the ``torch.optim`` contract): the closure computes the loss,
+      calls ``backward()`` and returns the loss (zeroing the gradients in it is optional:
+      SAM sets them to ``None`` before each call). ``step`` calls it at :math:`w`,
+      perturbs, calls it again at :math:`w + e`, restores :math:`w` and runs the base
+      optimizer; it returns the clean loss. This works in loops that only ever call
+      ``optimizer.step(closure)`` (e.g. Lightning's automatic optimization; pass
+      ``model=`` so the perturbed pass leaves batch-norm statistics alone). If a backward
+      pass already ran since the last step, as in the popular PyTorch SAM wrapper's loop
+      ``loss.backward(); optimizer.step(closure); optimizer.zero_grad()``, that gradient
+      is the clean one and the closure is called once, at :math:`w + e`: that loop gives
+      the wrapper's trajectory (see :meth:`step`).
     * ``first_step()`` / ``second_step()``, exactly as users of that wrapper know them:
-      backward at :math:`w`, ``first_step()``, backward at :math:`w + e`, ``second_step()``.
+      backward at :math:`w`, ``first_step()``, backward at :math:`w + e`, ``second_step()``
+      (optionally with ``loss=`` for :attr:`loss`, :attr:`perturbed_loss` and
+      :attr:`sharpness`).
+
+    Migrating from the popular wrapper: the constructor takes the same ``rho``,
+    ``adaptive`` and base-optimizer keywords (``eps=`` included, which goes to the base
+    optimizer as there); ``adaptive=True, eta=0.0`` is that wrapper's adaptive mode, and the
+    default ``eta=0.01`` is the official ASAM one; its ``enable_running_stats`` /
+    ``disable_running_stats`` recipe works with :func:`enable_running_stats` and
+    :func:`disable_running_stats`.
 
     Args:
-        params: parameters or parameter groups. Groups may set their own ``rho``,
-            ``adaptive``, ``eta`` and ``eps`` (e.g. exclude biases and norm layers from
-            adaptive scaling, as the ASAM authors do), and anything the base optimizer takes.
+        params: parameters, ``model.named_parameters()``, or parameter groups (their
+            ``"params"`` may be (name, parameter) pairs too, stored as ``"param_names"``
+            as ``torch.optim`` does). Groups may set their own ``rho``, ``adaptive``,
+            ``eta`` and ``sam_eps`` (e.g. exclude biases and norm layers from adaptive
+            scaling, as the ASAM authors do), and anything the base optimizer takes. A
+            group may mix devices and dtypes (a bfloat16 ``Linear`` beside a float32
+            ``LayerNorm``): SAM splits it by device and dtype internally, as the
+            ``torch._foreach_*`` paths of ``torch.optim`` do; the norm stays global over
+            every group and is accumulated in float32 for half types. Parameters on the
+            meta device are rejected (they hold no values).
         base_optimizer: an optimizer *class* (``torch.optim.SGD``, ``AdamW``, ...). It is
             built on SAM's param groups, which the two share, so LR schedulers attached to
             SAM drive it. Its state (momentum, Adam moments) is SAM's state.
@@ -69,10 +89,15 @@ class SAM(Optimizer):
         adaptive: ASAM's scale-invariant neighbourhood.
         eta: ASAM's offset in :math:`T_w = |w| + \eta` (0.01 in the official code; 0
             reproduces the popular wrapper's adaptive mode).
-        eps: added to the norm, :math:`\epsilon > 0`; a zero gradient gives a zero
-            perturbation, never NaN. Stored per group as ``"sam_eps"`` so it never collides
-            with the base optimizer's own ``eps``; to set Adam's ``eps`` pass
-            ``functools.partial(torch.optim.Adam, eps=1e-6)`` as ``base_optimizer``.
+        sam_eps: added to the norm, :math:`\epsilon > 0`; a zero gradient gives a zero
+            perturbation, never NaN. Stored per group as ``"sam_eps"``. ``eps=`` is the base
+            optimizer's (``SAM(params, torch.optim.Adam, lr=1e-3, eps=1e-6)`` sets Adam's,
+            as the popular wrapper and ``pytorch_optimizer`` do).
+        model: the module being trained, optional. ``step(closure)`` (and the
+            :meth:`perturbed` block) then run the perturbed pass with its batch-norm
+            running statistics frozen (:func:`disable_running_stats`), so they come from
+            the clean pass only and ``num_batches_tracked`` grows by one per step, without
+            the closure knowing about SAM.
         perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
             kernel per tensor into a preallocated buffer; on CPU ASAM's direction is built
             a cache block at a time) or ``"auto"``: per-tensor on CPU, foreach elsewhere.
@@ -94,9 +119,12 @@ class SAM(Optimizer):
             storage.
         skip_nonfinite: the policy for non-finite gradients. ``"clean"`` (default): if the
             gradient at :math:`w` holds an ``inf`` or ``NaN``, nothing is perturbed and the
-            base step is skipped; under ``step(closure)`` a non-finite perturbed loss skips
-            the step too. ``"both"`` (or ``True``) also checks the gradient at
-            :math:`w + e` (for the two-step API and NaNs that only the gradient shows).
+            base step is skipped; a non-finite perturbed loss skips the step too (the
+            closure's, or ``second_step(loss=...)``'s), and when there is no perturbed loss
+            (the two-step API without ``loss=``, a closure returning ``None``) the gradient
+            at :math:`w + e` is checked instead, so no ``NaN`` of either pass reaches the
+            weights by default. ``"both"`` (or ``True``) always checks the gradient at
+            :math:`w + e` (for NaNs that only the gradient shows).
             A skipped step leaves the weights and the optimizer state unchanged and sets
             :attr:`step_skipped`. ``False`` removes every check and sync and lets ``NaN``
             reach the weights, as ``torch.optim`` does. Cost on CPU: ``"clean"`` reads the
@@ -113,7 +141,16 @@ class SAM(Optimizer):
             overflows the accumulation dtype gives a zero perturbation (the step is a
             plain base step). With ``torch.amp.GradScaler`` use :class:`ScaledSAM`, which
             checks both passes through the scaler whatever this policy.
-        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+        max_consecutive_skips: ``None`` (default) or an int :math:`\ge 1`: that many
+            skipped steps in a row are tolerated and the next one raises ``RuntimeError``
+            (the weights are the last finite ones), like the limit of
+            ``optax.apply_if_finite(max_consecutive_errors=)`` but raising instead of
+            applying the update. Whatever it is, SAM warns once (``RuntimeWarning``) when
+            more than 10 steps in a row were skipped; :attr:`consecutive_skips` counts them.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``eps``,
+            ``maximize``, ...). With ``maximize=True`` the base optimizer ascends on
+            :math:`L`, i.e. minimizes :math:`-L`, so SAM's ascent step is on :math:`-L`:
+            :math:`e` points along :math:`-g`.
 
     Gradient accumulation over micro-batches: SAM's perturbation uses whatever gradient is
     in ``.grad`` when ``first_step()`` runs, so accumulate the clean gradient over all
@@ -597,6 +634,9 @@ class SAM(Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One SAM step through the ``torch.optim`` closure contract; returns the clean loss.
+
+        (``None`` when the clean pass was the caller's own backward, as the popular
+        wrapper's ``step`` returns nothing; :attr:`perturbed_loss` is set either way.)
 
         The closure computes the loss, calls ``backward()`` and returns the loss; SAM sets
         the gradients to ``None`` before *each* call, so a closure that does not zero them

@@ -218,7 +218,7 @@ class GSAM(_VariantSAM):
         self._clean: dict[Tensor, Tensor] = {}
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
             self._clean = {}
@@ -226,14 +226,14 @@ class GSAM(_VariantSAM):
                 bufs = [self._buffer("gsam_clean_grad", p, persistent=False) for p in params]
                 torch._foreach_copy_(bufs, grads)
                 self._clean.update(zip(params, bufs, strict=True))
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, loss=loss)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Replace the gradient by :math:`g_s - \alpha g_\perp`, restore and step."""
         if self.is_perturbed:
             self._decompose()
-        super().second_step(zero_grad)
+        super().second_step(zero_grad, loss=loss)
 
     def _decompose(self) -> None:
         parts = []
@@ -407,7 +407,7 @@ class WSAM(_VariantSAM):
         self._sharpness: list[tuple[dict[str, Any], TorchOps, list[Tensor], list[Tensor]]] = []
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
             self._clean = {}
@@ -415,10 +415,10 @@ class WSAM(_VariantSAM):
                 bufs = [self._buffer("wsam_clean_grad", p, persistent=False) for p in params]
                 torch._foreach_copy_(bufs, grads)
                 self._clean.update(zip(params, bufs, strict=True))
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, loss=loss)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Form WSAM's gradient (or split off the sharpness term), restore and step."""
         self._sharpness = []
         if self.is_perturbed:
@@ -435,7 +435,7 @@ class WSAM(_VariantSAM):
                 else:
                     sam_core.wsam_gradient(ops, g, g_s, gamma=self.gamma, out=g_s)
             self._clean = {}
-        super().second_step(zero_grad)
+        super().second_step(zero_grad, loss=loss)
         if self._sharpness and not getattr(self, "step_skipped", False):
             weight = sam_core.wsam_weight(self.gamma)
             for group, ops, params, sharp in self._sharpness:
@@ -626,7 +626,7 @@ class FriendlySAM(_VariantSAM):
         self.lmbda = lmbda
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Turn ``p.grad`` into :math:`d = g - \sigma m`, perturb along d, then update m.
 
         :math:`m` absorbs the step only if the step was not skipped for a non-finite
@@ -644,7 +644,7 @@ class FriendlySAM(_VariantSAM):
             if known:  # d = g - sigma m, written over the gradient
                 sam_core.friendly_direction(ops, d, m, sigma=self.sigma, out=d)
             parts.append((ops, [params[i] for i in fresh], [grads[i] for i in fresh], m, d))
-        super().first_step(zero_grad=False)
+        super().first_step(zero_grad=False, loss=loss)
         if not getattr(self, "step_skipped", False):
             for ops, fresh, fresh_grads, m, d in parts:
                 if fresh:  # the first gradient: m = g (and d was g)
@@ -715,7 +715,7 @@ class VaSSO(_VariantSAM):
         self.theta = theta
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Turn ``p.grad`` into the new average :math:`m`, perturb along it, keep it."""
         if self.is_perturbed:
             super().first_step(zero_grad)  # raises: first_step() twice
@@ -729,7 +729,7 @@ class VaSSO(_VariantSAM):
                     ops, d, [averages[params[i]] for i in known], theta=self.theta, out=d
                 )
             new_average.append((params, grads))
-        super().first_step(zero_grad=False)
+        super().first_step(zero_grad=False, loss=loss)
         if not getattr(self, "step_skipped", False):
             for params, grads in new_average:
                 torch._foreach_copy_([self._buffer("vasso_average", p) for p in params], grads)
@@ -816,21 +816,21 @@ class LookSAM(_VariantSAM):
         return self.variant_step % self.k == 0 or self.gv_norm is None
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep the clean gradient (in the :math:`g_v` buffer), then perturb as SAM does."""
         if not self.is_perturbed:
             self._pending = set()
             for _, _, params, grads, _ in self._plan():
                 torch._foreach_copy_([self._buffer("looksam_gv", p) for p in params], grads)
                 self._pending.update(params)
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, loss=loss)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Store :math:`g_v` from :math:`g_s` and :math:`g`, restore and step with :math:`g_s`."""
         if self.is_perturbed:
             self._store_gv()
-        super().second_step(zero_grad)
+        super().second_step(zero_grad, loss=loss)
         if getattr(self, "step_skipped", False):
             self.gv_norm = None  # g_v is not valid: the next step is a full one again
             self._buffers.pop("looksam_gv", None)
@@ -953,8 +953,8 @@ class EveryKSAM(_VariantSAM):
         return (self.variant_step + 1) % self.k == 0
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        super().second_step(zero_grad)
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        super().second_step(zero_grad, loss=loss)
         if not getattr(self, "step_skipped", False):
             self.variant_step += 1
 
@@ -1058,7 +1058,7 @@ class MomentumSAM(_VariantSAM):
         return None
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Move every parameter with a momentum to :math:`w - \rho v / \lVert v \rVert`."""
         if self.is_perturbed:
             raise RuntimeError(
@@ -1099,8 +1099,8 @@ class MomentumSAM(_VariantSAM):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        super().second_step(zero_grad)
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        super().second_step(zero_grad, loss=loss)
         if not getattr(self, "step_skipped", False):
             self.variant_step += 1
 
