@@ -5,6 +5,7 @@
 """
 
 from sam_core import __version__
+from sam_jax._chain import check_chain
 from sam_jax._ops import JaxOps
 from sam_jax._sam import SAMState, sam
 from sam_jax._variants import (
@@ -40,6 +41,7 @@ __all__ = [
     "VaSSOState",
     "WSAMState",
     "__version__",
+    "check_chain",
     "every_k_sam",
     "friendly_sam",
     "gsam",
