@@ -300,3 +300,21 @@ def test_disable_running_stats_plain_call_and_context_manager():
     assert not plain.track_running_stats
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
         sam_torch.disable_running_stats([bn])
+
+
+def test_model_argument_freezes_batch_norm_in_the_perturbed_block_and_scaled_sam():
+    ref = state(readme_two_step_bn_loop(SAM, sam_torch.enable_running_stats, sam_torch.disable_running_stats))
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model)
+    for x, y in make_data():
+        loss_function(model(x), y).backward()
+        with opt.perturbed():
+            loss_function(model(x), y).backward()
+    assert_same(state(model), ref)
+    # ScaledSAM's closure API (a disabled scaler: plain float64 steps)
+    model = make_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, model=model)
+    amp = sam_torch.ScaledSAM(opt, torch.amp.GradScaler("cpu", enabled=False))
+    for x, y in make_data():
+        amp.step(lambda x=x, y=y: amp.scale(loss_function(model(x), y)).backward())
+    assert_same(state(model), ref)
