@@ -3,6 +3,7 @@ add_param_group, two-step logging, stalls of skipped steps, construction errors.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -249,3 +250,29 @@ def test_base_optimizer_sharing_a_group_key_says_there_is_no_workaround():
     message = str(info.value)
     assert "functools.partial" not in message and "wrap it" not in message
     assert "Use another base optimizer" in message
+
+
+@pytest.mark.parametrize("name", ["MomentumSAM", "GSAM", "LookSAM"])
+def test_variants_accept_a_mixed_dtype_group(name):
+    cls, kw = VARIANTS[name]
+    torch.manual_seed(5)
+    net32 = nn.Linear(4, 3)
+    net64 = nn.Linear(3, 2).double()
+
+    def build(groups_of):
+        a, b = copy.deepcopy(net32), copy.deepcopy(net64)
+        ps = list(a.parameters()) + list(b.parameters())
+        opt = cls(groups_of(ps), torch.optim.SGD, lr=0.1, momentum=0.9, **kw)
+        for x, y in make_data(4, seed=6):
+            def closure(x=x, y=y):
+                loss = ((b(a(x.float()).double()) - y) ** 2).mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        return [p.detach().double() for p in ps]
+
+    mixed = build(lambda ps: ps)
+    split = build(lambda ps: [{"params": ps[:2]}, {"params": ps[2:]}])
+    for x, y in zip(mixed, split, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
