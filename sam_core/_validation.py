@@ -1,7 +1,8 @@
 """Hyperparameter validation shared by every backend.
 
 Both ``sam_torch`` and ``sam_jax`` call these functions at construction time, so a bad
-value raises the same ``ValueError`` (same wording) whichever framework the user is in.
+value raises the same ``ValueError`` (same wording) whichever framework the user is in; only
+the epsilon is named as each backend takes it (``sam_eps`` in torch, ``eps`` in JAX).
 Values that are not concrete (a JAX tracer under ``optax.inject_hyperparams`` or ``jit``)
 cannot be inspected and are accepted as they are.
 """
