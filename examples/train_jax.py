@@ -1,8 +1,11 @@
 """Train a WideResNet on CIFAR-10/100 with SGD, SAM or ASAM in JAX/Flax (CPU or GPU).
 
     python -m examples.train_jax --data-dir /path/to/data --optimizer sam   # WRN-16-8 defaults
-    python -m examples.train_jax --data-dir /work/data --depth 10 --width 2 --epochs 3 \\
+    python -m examples.train_jax --data-dir /path/to/data --depth 10 --width 2 --epochs 3 \\
         --limit-train 5000 --optimizer sgd --out runs/jax_sgd              # a few CPU minutes
+
+``--data-dir`` holds CIFAR in the official layout (https://www.cs.toronto.edu/~kriz/cifar.html,
+the tarball or its extracted folder); ``--download`` fetches and checks it there.
 
 The flags are those of ``train_torch.py`` (:func:`examples.cli.build_parser`) and the batches
 are the same (:mod:`examples.data`). The optimizer is an optax chain,

@@ -7,7 +7,7 @@ Launch on one machine with two processes (CPU/gloo or one GPU per process/NCCL):
     torchrun --nproc-per-node 2 examples/train_torch_ddp.py --fsdp --adaptive --rho 0.5
     torchrun --nproc-per-node 2 examples/train_torch_ddp.py --model wrn   # WRN-16-8
 
-    torchrun --nproc-per-node 2 examples/train_torch_ddp.py --model wrn --data-dir /work/data
+    torchrun --nproc-per-node 2 examples/train_torch_ddp.py --model wrn --data-dir /path/to/data
 
 Without ``--data-dir`` the data is synthetic and CIFAR-shaped (32x32x3, 10 classes) so the
 script runs anywhere; with it, CIFAR-10 is read by the shared pipeline (:mod:`examples.data`):

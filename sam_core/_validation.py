@@ -1,7 +1,8 @@
 """Hyperparameter validation shared by every backend.
 
 Both ``sam_torch`` and ``sam_jax`` call these functions at construction time, so a bad
-value raises the same ``ValueError`` (same wording) whichever framework the user is in.
+value raises the same ``ValueError`` (same wording) whichever framework the user is in; only
+the epsilon is named as each backend takes it (``sam_eps`` in torch, ``eps`` in JAX).
 Values that are not concrete (a JAX tracer under ``optax.inject_hyperparams`` or ``jit``)
 cannot be inspected and are accepted as they are.
 """
@@ -84,15 +85,21 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
-def validate_sam(*, rho: Any, eps: Any, eta: Any, adaptive: Any) -> None:
+def validate_sam(
+    *, rho: Any, eps: Any, eta: Any, adaptive: Any, eps_name: str = "eps"
+) -> None:
     """Validate the hyperparameters every SAM/ASAM perturbation takes.
+
+    ``eps_name`` is the name the user passed the epsilon under, used in the message:
+    ``"eps"`` for ``sam_jax`` (as ``optax.contrib.sam``), ``"sam_eps"`` for ``sam_torch``
+    (where ``eps`` belongs to the base optimizer).
 
     Raises:
         ValueError: ``rho`` is negative or not finite, ``eps <= 0``, or ``eta < 0``.
         TypeError: a value of the wrong type (``adaptive`` must be a bool).
     """
     check_nonnegative("rho", rho)
-    check_positive("eps", eps)
+    check_positive(eps_name, eps)
     check_nonnegative("eta", eta)
     check_bool("adaptive", adaptive)
 

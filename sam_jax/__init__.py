@@ -5,6 +5,7 @@
 """
 
 from sam_core import __version__
+from sam_jax._chain import check_chain
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps
 from sam_jax._sam import SAMState, sam
@@ -41,6 +42,7 @@ __all__ = [
     "VaSSOState",
     "WSAMState",
     "__version__",
+    "check_chain",
     "chunk_batch",
     "every_k_sam",
     "friendly_sam",

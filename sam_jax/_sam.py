@@ -127,6 +127,12 @@ def sam(
         params = optax.apply_updates(params, updates)
         # opt_state[0].sharpness == L(w + e) - L(w)
 
+    Anywhere else in a chain it runs without any error and the training diverges (after
+    ``optax.sgd`` it perturbs downhill and the raw gradient at :math:`w + e` is *added* to
+    the parameters): a transformation cannot see the chain it is in. Check the chain once
+    with :func:`sam_jax.check_chain` (``sam_jax.check_chain(tx, params)``), which finds
+    the transformation's position from the chain's state.
+
     Args:
         rho: radius of the neighbourhood, :math:`\rho \ge 0`. May be scheduled with
             ``optax.inject_hyperparams(sam_jax.sam)(rho=schedule)``.

@@ -46,8 +46,13 @@ class ScaledSAM:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             amp.second_step(zero_grad=True)      # restore, base step unless inf, update
 
-    Closure API (``amp.step(closure)``): the closure zeroes the gradients, runs the forward
-    under autocast, calls ``amp.scale(loss).backward()`` and returns the loss.
+    Closure API (``amp.step(closure)``): the closure runs the forward under autocast, calls
+    ``amp.scale(loss).backward()`` and returns the loss; the gradients are set to ``None``
+    before each call. This is also the way to use float16 mixed precision with Lightning:
+    manual optimization (``self.automatic_optimization = False``) with a ``ScaledSAM`` in
+    ``training_step``; Lightning's ``precision="16-mixed"`` under automatic optimization
+    calls ``scaler.step(optimizer)`` without a closure, which SAM cannot run and refuses
+    with an error that says so (``"bf16-mixed"`` needs no scaler and works).
 
     Semantics:
 
@@ -108,36 +113,42 @@ class ScaledSAM:
             self._unscaled = False
             self.scaler.update()
 
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Unscale the clean gradient, update the scaler and perturb (unless it is not finite)."""
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """Unscale the clean gradient, update the scaler and perturb (unless it is not finite).
+
+        ``loss``: the clean (unscaled) loss, optional, for :attr:`SAM.loss` and
+        :attr:`SAM.sharpness`.
+        """
         sam = self.optimizer
         if sam.is_perturbed:  # before unscaling, so the scaler is left as it was
             sam.first_step()  # raises the "called twice" error
         try:
             self.unscale_()
             if sam.skip_nonfinite or _all_finite(_grads(sam)):
-                sam.first_step(zero_grad=zero_grad)
+                sam.first_step(zero_grad=zero_grad, loss=loss)
             else:  # the optimizer lets NaN through; the scaler must not
                 sam._enter_skipped_step(zero_grad=zero_grad)
         finally:
             self._end_pass()
 
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Unscale the perturbed gradient, restore :math:`w`, step unless it is not finite."""
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """Unscale the perturbed gradient, restore :math:`w`, step unless it is not finite.
+
+        ``loss``: the perturbed (unscaled) loss, optional, for :attr:`SAM.perturbed_loss`.
+        """
         sam = self.optimizer
         if not sam.is_perturbed:
             sam.second_step()  # raises the "without first_step()" error
         try:
             self.unscale_()
-            # SAM checks the perturbed gradient itself only under skip_nonfinite="both"
-            if sam._check_perturbed or _all_finite(_grads(sam)):
-                sam.second_step(zero_grad=zero_grad)
+            # SAM checks the perturbed gradient itself unless skip_nonfinite=False
+            if sam.skip_nonfinite or _all_finite(_grads(sam)):
+                sam.second_step(zero_grad=zero_grad, loss=loss)
             else:
                 sam.restore()
-                sam.step_skipped = True
-                sam._opt_called = True
                 if zero_grad:
                     sam.zero_grad()
+                sam._finish_step(True)
         except BaseException:
             sam.restore()
             raise
@@ -147,8 +158,10 @@ class ScaledSAM:
     def step(self, closure: Callable[[], Any]) -> Any:
         """One SAM step with the closure called at :math:`w` and at :math:`w + e`.
 
-        The closure zeroes the gradients, computes the loss under autocast, calls
-        ``amp.scale(loss).backward()`` and returns the (unscaled) loss, which this returns.
+        The closure computes the loss under autocast, calls ``amp.scale(loss).backward()``
+        and returns the (unscaled) loss, which this returns; the gradients are set to
+        ``None`` before each call. With ``SAM(..., model=model)`` the perturbed call runs
+        with the model's batch-norm running statistics frozen.
         If the second call raises, :math:`w` is restored before the exception propagates.
         """
         sam = self.optimizer
@@ -156,16 +169,18 @@ class ScaledSAM:
             raise TypeError(
                 f"closure must be a callable taking no arguments, got {type(closure).__name__}"
             )
+        sam.zero_grad()
         with torch.enable_grad():
             loss = closure()
         self.first_step()
         if sam.step_skipped:  # non-finite clean gradient: skip the perturbed pass too
             sam.restore()
-            sam._opt_called = True
             sam.loss, sam.perturbed_loss = _detached(loss), None
+            sam._finish_step(True)
             return loss
         try:
-            with torch.enable_grad():
+            sam.zero_grad()
+            with torch.enable_grad(), sam._frozen_stats():
                 perturbed_loss = closure()
         except BaseException:
             sam.restore()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from torch.optim import Optimizer
 
 import sam_core
 
+from ._bn import disable_running_stats
 from ._ops import SMALL_NUMEL, TorchOps
 
 __all__ = ["SAM"]
@@ -23,6 +25,10 @@ _GroupPlan = tuple[dict[str, Any], TorchOps, list[Tensor], list[Tensor], list[Te
 # Param-group keys SAM owns. SAM's epsilon is stored as "sam_eps" so that it never collides
 # with the base optimizer's own "eps" (Adam, AdamW, RMSprop, ...).
 _SAM_KEYS = ("rho", "adaptive", "eta", "sam_eps")
+
+#: Consecutive skipped steps after which SAM warns (once per run of skips) that training
+#: may have stalled.
+STALL_WARNING_AFTER = 10
 
 
 class SAM(Optimizer):
@@ -42,20 +48,40 @@ class SAM(Optimizer):
 
     Two ways to drive it:
 
-    * ``step(closure)`` (the ``torch.optim`` contract): the closure zeroes the gradients,
-      computes the loss, calls ``backward()`` and returns the loss. ``step`` calls it at
-      :math:`w`, perturbs, calls it again at :math:`w + e`, restores :math:`w` and runs the
-      base optimizer; it returns the clean loss. This works in loops that only ever call
-      ``optimizer.step(closure)`` (e.g. Lightning's automatic optimization). Unlike the
-      older popular wrapper, whose ``step(closure)`` expects the first ``backward()`` to be
-      done already, the closure here is called for *both* passes.
+    * ``step(closure)`` (the ``torch.optim`` contract): the closure computes the loss,
+      calls ``backward()`` and returns the loss (zeroing the gradients in it is optional:
+      SAM sets them to ``None`` before each call). ``step`` calls it at :math:`w`,
+      perturbs, calls it again at :math:`w + e`, restores :math:`w` and runs the base
+      optimizer; it returns the clean loss. This works in loops that only ever call
+      ``optimizer.step(closure)`` (e.g. Lightning's automatic optimization; pass
+      ``model=`` so the perturbed pass leaves batch-norm statistics alone). If a backward
+      pass already ran since the last step, as in the popular PyTorch SAM wrapper's loop
+      ``loss.backward(); optimizer.step(closure); optimizer.zero_grad()``, that gradient
+      is the clean one and the closure is called once, at :math:`w + e`: that loop gives
+      the wrapper's trajectory (see :meth:`step`).
     * ``first_step()`` / ``second_step()``, exactly as users of that wrapper know them:
-      backward at :math:`w`, ``first_step()``, backward at :math:`w + e`, ``second_step()``.
+      backward at :math:`w`, ``first_step()``, backward at :math:`w + e`, ``second_step()``
+      (optionally with ``loss=`` for :attr:`loss`, :attr:`perturbed_loss` and
+      :attr:`sharpness`).
+
+    Migrating from the popular wrapper: the constructor takes the same ``rho``,
+    ``adaptive`` and base-optimizer keywords (``eps=`` included, which goes to the base
+    optimizer as there); ``adaptive=True, eta=0.0`` is that wrapper's adaptive mode, and the
+    default ``eta=0.01`` is the official ASAM one; its ``enable_running_stats`` /
+    ``disable_running_stats`` recipe works with :func:`enable_running_stats` and
+    :func:`disable_running_stats`.
 
     Args:
-        params: parameters or parameter groups. Groups may set their own ``rho``,
-            ``adaptive``, ``eta`` and ``eps`` (e.g. exclude biases and norm layers from
-            adaptive scaling, as the ASAM authors do), and anything the base optimizer takes.
+        params: parameters, ``model.named_parameters()``, or parameter groups (their
+            ``"params"`` may be (name, parameter) pairs too, stored as ``"param_names"``
+            as ``torch.optim`` does). Groups may set their own ``rho``, ``adaptive``,
+            ``eta`` and ``sam_eps`` (e.g. exclude biases and norm layers from adaptive
+            scaling, as the ASAM authors do), and anything the base optimizer takes. A
+            group may mix devices and dtypes (a bfloat16 ``Linear`` beside a float32
+            ``LayerNorm``): SAM splits it by device and dtype internally, as the
+            ``torch._foreach_*`` paths of ``torch.optim`` do; the norm stays global over
+            every group and is accumulated in float32 for half types. Parameters on the
+            meta device are rejected (they hold no values).
         base_optimizer: an optimizer *class* (``torch.optim.SGD``, ``AdamW``, ...). It is
             built on SAM's param groups, which the two share, so LR schedulers attached to
             SAM drive it. Its state (momentum, Adam moments) is SAM's state.
@@ -63,10 +89,15 @@ class SAM(Optimizer):
         adaptive: ASAM's scale-invariant neighbourhood.
         eta: ASAM's offset in :math:`T_w = |w| + \eta` (0.01 in the official code; 0
             reproduces the popular wrapper's adaptive mode).
-        eps: added to the norm, :math:`\epsilon > 0`; a zero gradient gives a zero
-            perturbation, never NaN. Stored per group as ``"sam_eps"`` so it never collides
-            with the base optimizer's own ``eps``; to set Adam's ``eps`` pass
-            ``functools.partial(torch.optim.Adam, eps=1e-6)`` as ``base_optimizer``.
+        sam_eps: added to the norm, :math:`\epsilon > 0`; a zero gradient gives a zero
+            perturbation, never NaN. Stored per group as ``"sam_eps"``. ``eps=`` is the base
+            optimizer's (``SAM(params, torch.optim.Adam, lr=1e-3, eps=1e-6)`` sets Adam's,
+            as the popular wrapper and ``pytorch_optimizer`` do).
+        model: the module being trained, optional. ``step(closure)`` (and the
+            :meth:`perturbed` block) then run the perturbed pass with its batch-norm
+            running statistics frozen (:func:`disable_running_stats`), so they come from
+            the clean pass only and ``num_batches_tracked`` grows by one per step, without
+            the closure knowing about SAM.
         perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
             kernel per tensor into a preallocated buffer; on CPU ASAM's direction is built
             a cache block at a time) or ``"auto"``: per-tensor on CPU, foreach elsewhere.
@@ -88,9 +119,12 @@ class SAM(Optimizer):
             storage.
         skip_nonfinite: the policy for non-finite gradients. ``"clean"`` (default): if the
             gradient at :math:`w` holds an ``inf`` or ``NaN``, nothing is perturbed and the
-            base step is skipped; under ``step(closure)`` a non-finite perturbed loss skips
-            the step too. ``"both"`` (or ``True``) also checks the gradient at
-            :math:`w + e` (for the two-step API and NaNs that only the gradient shows).
+            base step is skipped; a non-finite perturbed loss skips the step too (the
+            closure's, or ``second_step(loss=...)``'s), and when there is no perturbed loss
+            (the two-step API without ``loss=``, a closure returning ``None``) the gradient
+            at :math:`w + e` is checked instead, so no ``NaN`` of either pass reaches the
+            weights by default. ``"both"`` (or ``True``) always checks the gradient at
+            :math:`w + e` (for NaNs that only the gradient shows).
             A skipped step leaves the weights and the optimizer state unchanged and sets
             :attr:`step_skipped`. ``False`` removes every check and sync and lets ``NaN``
             reach the weights, as ``torch.optim`` does. Cost on CPU: ``"clean"`` reads the
@@ -107,7 +141,16 @@ class SAM(Optimizer):
             overflows the accumulation dtype gives a zero perturbation (the step is a
             plain base step). With ``torch.amp.GradScaler`` use :class:`ScaledSAM`, which
             checks both passes through the scaler whatever this policy.
-        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
+        max_consecutive_skips: ``None`` (default) or an int :math:`\ge 1`: that many
+            skipped steps in a row are tolerated and the next one raises ``RuntimeError``
+            (the weights are the last finite ones), like the limit of
+            ``optax.apply_if_finite(max_consecutive_errors=)`` but raising instead of
+            applying the update. Whatever it is, SAM warns once (``RuntimeWarning``) when
+            more than 10 steps in a row were skipped; :attr:`consecutive_skips` counts them.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``eps``,
+            ``maximize``, ...). With ``maximize=True`` the base optimizer ascends on
+            :math:`L`, i.e. minimizes :math:`-L`, so SAM's ascent step is on :math:`-L`:
+            :math:`e` points along :math:`-g`.
 
     Gradient accumulation over micro-batches: SAM's perturbation uses whatever gradient is
     in ``.grad`` when ``first_step()`` runs, so accumulate the clean gradient over all
@@ -139,14 +182,23 @@ class SAM(Optimizer):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
+        model: torch.nn.Module | None = None,
         perturb_impl: Literal["auto", "foreach", "per_tensor", "compiled"] = "auto",
         storage: Literal["auto", "swap", "copy"] = "auto",
         skip_nonfinite: bool | Literal["clean", "both"] = "clean",
+        max_consecutive_skips: int | None = None,
         **base_kwargs: Any,
     ) -> None:
-        sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+        sam_core.validate_sam(rho=rho, eps=sam_eps, eta=eta, adaptive=adaptive, eps_name="sam_eps")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module (its batch-norm layers are frozen during the "
+                f"perturbed pass of step(closure)), got {type(model).__name__}"
+            )
+        if max_consecutive_skips is not None:
+            sam_core.check_positive_int("max_consecutive_skips", max_consecutive_skips)
         if not (isinstance(skip_nonfinite, bool) or skip_nonfinite in ("clean", "both")):
             raise TypeError(
                 "skip_nonfinite must be 'clean', 'both', True (= 'both') or False, got "
@@ -190,9 +242,19 @@ class SAM(Optimizer):
         self._compiled: Any = None  # CompiledPerturbation once built, False if it failed
         self._storage_choice = storage
         self._building = True
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, sam_eps=eps, **base_kwargs)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, sam_eps=sam_eps, **base_kwargs)
         super().__init__(params, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        try:
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        except TypeError as exc:
+            if "eps" in base_kwargs and "eps" in str(exc):
+                name = getattr(base_optimizer, "__name__", repr(base_optimizer))
+                raise TypeError(
+                    f"eps={base_kwargs['eps']!r} is passed to the base optimizer {name}, which "
+                    f"does not take it ({exc}); SAM's own epsilon (added to the gradient norm) "
+                    "is sam_eps=, e.g. SAM(params, torch.optim.SGD, lr=0.1, sam_eps=1e-12)"
+                ) from exc
+            raise
         self._building = False
         # One set of groups and one state for both: schedulers, zero_grad, state_dict and
         # the base optimizer all see the same dicts.
@@ -206,6 +268,19 @@ class SAM(Optimizer):
         self._perturbed = False
         self._skip_base_step = False
         self._clean_finite: Tensor | None = None  # device-side flag, accelerators only
+        self._clean_loss: Any = None  # first_step(loss=...), kept for second_step
+        self._in_closure_step = False
+        #: The model whose batch-norm running statistics ``step(closure)`` freezes during
+        #: the perturbed pass (``None``: the closure decides).
+        self.model = model
+        #: ``max_consecutive_skips`` as given: that many skipped steps in a row are
+        #: tolerated, the next one raises ``RuntimeError``.
+        self.max_consecutive_skips = max_consecutive_skips
+        #: Number of steps skipped in a row (non-finite gradients); 0 after a taken step.
+        self.consecutive_skips = 0
+        # Which gradients the last step (or zero_grad) left, to tell a fresh backward pass
+        # done before step(closure) (the popular wrapper's loop) from stale gradients.
+        self._grad_mark: list[Any] | None = self._grad_signature()
         #: ``True`` when the last step was skipped because a gradient was not finite
         #: (see ``skip_nonfinite``); the weights and optimizer state were left unchanged.
         self.step_skipped = False
@@ -224,9 +299,24 @@ class SAM(Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        # Named parameters (model.named_parameters(), torch >= 2.6): names go to
+        # "param_names", as torch.optim stores them.
+        if params and all(_is_named(p) for p in params):
+            param_group["param_names"] = [name for name, _ in params]
+            params = [p for _, p in params]
+        elif any(_is_named(p) for p in params):
+            raise ValueError(
+                f"param group {len(self.param_groups)} mixes (name, parameter) pairs with plain "
+                "parameters; pass model.named_parameters() or model.parameters(), not both"
+            )
         param_group["params"] = params
         _check_group_params(params, index=len(self.param_groups))
         _check_not_in_other_groups(params, self.param_groups)
+        if "eps" in param_group and "sam_eps" not in param_group and _eps_is_sam_only(self):
+            raise ValueError(
+                f"param group {len(self.param_groups)} sets 'eps', which belongs to the base "
+                "optimizer (it takes none here); SAM's own epsilon is the group key 'sam_eps'"
+            )
         for key in _SAM_KEYS:
             param_group.setdefault(key, self.defaults[key])
         sam_core.validate_sam(
@@ -234,6 +324,7 @@ class SAM(Optimizer):
             eps=param_group["sam_eps"],
             eta=param_group["eta"],
             adaptive=param_group["adaptive"],
+            eps_name="sam_eps",
         )
         if getattr(self, "_building", True):
             super().add_param_group(param_group)
@@ -242,7 +333,7 @@ class SAM(Optimizer):
 
     # -- the two SAM passes -----------------------------------------------------------
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Perturb every parameter with a gradient from :math:`w` to :math:`w + e(w)`.
 
         Call after the backward pass at :math:`w`. Parameters without ``.grad`` are left
@@ -250,6 +341,9 @@ class SAM(Optimizer):
         raises half-way (an out-of-memory error, a sparse gradient), the parameters are
         back at :math:`w` when the exception propagates. With ``skip_nonfinite`` a
         non-finite gradient perturbs nothing and marks the step as skipped.
+
+        ``loss``: the clean loss :math:`L(w)`, optional; it is stored (detached) as
+        :attr:`loss`, so that :attr:`sharpness` is known after ``second_step(loss=...)``.
         """
         if self._perturbed:
             raise RuntimeError(
@@ -265,6 +359,7 @@ class SAM(Optimizer):
             self.restore()
             raise
         self._perturbed = True
+        self._clean_loss = _detached(loss)
         if zero_grad:
             self.zero_grad()
 
@@ -327,7 +422,9 @@ class SAM(Optimizer):
                     self.step_skipped = True
                 return  # finite gradient, overflowing norm: e = 0 (rho / inf), nothing moves
         for (group, ops, params, grads, out), d in zip(plan, directions, strict=True):
-            scale = sam_core.perturbation_scale(group["rho"], norm, group["sam_eps"])
+            # maximize=True: the base optimizer minimizes -L, whose ascent direction is -g
+            rho = -group["rho"] if group.get("maximize", False) else group["rho"]
+            scale = sam_core.perturbation_scale(rho, norm, group["sam_eps"])
             if d is None:
                 perturbed = compiled.perturb_into(
                     params, grads, out, scale, adaptive=group["adaptive"], eta=group["eta"],
@@ -338,12 +435,19 @@ class SAM(Optimizer):
             self._install(params, perturbed)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Restore :math:`w` exactly and apply the base optimizer with the current gradient.
 
         Call after the backward pass at :math:`w + e`. With ``skip_nonfinite``, a
         non-finite gradient (here or in the clean pass) skips the base step: the weights
         are restored and nothing else changes (:attr:`step_skipped` tells).
+
+        ``loss``: the perturbed loss :math:`L(w + e)`, optional. It is stored (detached) as
+        :attr:`perturbed_loss` (with ``first_step(loss=...)`` this gives :attr:`sharpness`)
+        and, under the default policy ``"clean"``, it is what is checked for the perturbed
+        pass (a 0-d read). Without it the policy ``"clean"`` checks the perturbed gradient
+        instead (a read-only pass over it), so a ``NaN`` that appears only at
+        :math:`w + e` never reaches the weights whichever API drives the step.
         """
         if not self._perturbed:
             raise RuntimeError(
@@ -353,10 +457,21 @@ class SAM(Optimizer):
         skip = self._skip_base_step
         clean_finite = self._clean_finite
         loss_finite, self._perturbed_loss_finite = self._perturbed_loss_finite, None
+        clean_loss = self._clean_loss
+        if not self._in_closure_step:
+            self.loss, self.perturbed_loss = clean_loss, _detached(loss)
+            if (
+                loss_finite is None and isinstance(loss, Tensor)
+                and self.skip_nonfinite and not self._check_perturbed
+            ):
+                loss_finite = torch.isfinite(loss.detach()).all()
         self.restore()
-        if not skip and self.skip_nonfinite and not self._check_perturbed:
-            # Policy "clean": the clean gradient's flag (accelerators; CPU decided in
-            # first_step) and, under step(closure), the perturbed loss: 0-d reads only.
+        # Policy "clean" checks what the step is built from: the clean gradient and the
+        # perturbed loss when there is one (0-d), else the perturbed gradient itself.
+        check_grads = self._check_perturbed or loss_finite is None
+        if not skip and self.skip_nonfinite and not check_grads:
+            # Policy "clean" with a perturbed loss: the clean gradient's flag (accelerators;
+            # CPU decided in first_step) and the perturbed loss: 0-d reads only.
             flag = clean_finite
             if loss_finite is not None:
                 flag = loss_finite if flag is None else flag & loss_finite.to(flag.device)
@@ -368,18 +483,51 @@ class SAM(Optimizer):
             flag = _finite_flag(grads, fast=True)
             if clean_finite is not None:
                 flag = clean_finite if flag is None else flag & clean_finite.to(flag.device)
+            if loss_finite is not None:
+                flag = loss_finite if flag is None else flag & loss_finite.to(flag.device)
             skip = flag is not None and not bool(flag)  # the one host sync of the step
             if skip:
                 flag = _finite_flag(grads)
                 if clean_finite is not None:
                     flag = clean_finite if flag is None else flag & clean_finite.to(flag.device)
+                if loss_finite is not None:
+                    flag = loss_finite if flag is None else flag & loss_finite.to(flag.device)
                 skip = flag is not None and not bool(flag)
-        self.step_skipped = skip
         if not skip:
             self.base_optimizer.step()
-        self._opt_called = True  # tells LR schedulers an optimizer step happened
         if zero_grad:
             self.zero_grad()
+        self._finish_step(skip)
+
+    def _finish_step(self, skipped: bool) -> None:
+        """Book-keeping at the end of every step: skip counter, schedulers, gradient mark."""
+        self.step_skipped = skipped
+        self._opt_called = True  # tells LR schedulers an optimizer step happened
+        self._grad_mark = self._grad_signature()
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.consecutive_skips += 1
+        n = self.consecutive_skips
+        limit = self.max_consecutive_skips
+        if limit is not None and n > limit:
+            raise RuntimeError(
+                f"{n} consecutive SAM steps were skipped because a gradient or loss was not "
+                f"finite (skip_nonfinite={self.skip_nonfinite!r}), more than "
+                f"max_consecutive_skips={limit}; the weights are the last finite ones. Check "
+                "the inputs and labels for NaN/inf, lower the learning rate or rho, and look "
+                "for overflow in float16 (use ScaledSAM with a GradScaler, or bfloat16)"
+            )
+        if n == STALL_WARNING_AFTER + 1:
+            warnings.warn(
+                f"SAM skipped more than {STALL_WARNING_AFTER} consecutive steps because a "
+                f"gradient or loss was not finite (skip_nonfinite={self.skip_nonfinite!r}): "
+                "training is not progressing. Check the inputs and labels for NaN/inf, lower "
+                "the learning rate or rho, and look for overflow in float16; pass "
+                "max_consecutive_skips=N to raise instead.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -417,16 +565,60 @@ class SAM(Optimizer):
 
         ``zero_grad`` defaults to ``True`` here because the perturbed backward must not add
         to the clean gradient. If the block itself calls ``second_step()`` or ``restore()``,
-        the exit does nothing more.
+        the exit does nothing more. With ``SAM(..., model=model)`` the model's batch-norm
+        running statistics are frozen inside the block (:func:`disable_running_stats`).
         """
         self.first_step(zero_grad=zero_grad)
         try:
-            yield
+            with self._frozen_stats():
+                yield
         except BaseException:
             self.restore()
             raise
         if self._perturbed:
             self.second_step(zero_grad=zero_grad)
+
+    def _frozen_stats(self) -> contextlib.AbstractContextManager[Any]:
+        """Batch-norm running statistics frozen when SAM knows the model, else nothing."""
+        if self.model is None:
+            return contextlib.nullcontext()
+        return disable_running_stats(self.model)
+
+    # -- gradients --------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; SAM also notes that the gradients are cleared."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._grad_mark = None if set_to_none else self._grad_signature()
+
+    def _grad_signature(self) -> list[Any] | None:
+        """Which gradient tensor each parameter holds, and its version (``None``: no grads)."""
+        mark = [
+            None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+            for g in self.param_groups
+            for p in g["params"]
+        ]
+        return None if all(m is None for m in mark) else mark
+
+    def _has_fresh_grads(self) -> bool:
+        """Whether a backward pass ran since the last step or ``zero_grad()``.
+
+        True when some parameter holds a gradient tensor that is new, or was written to
+        in place (its version counter moved), since SAM last looked: at the end of the last
+        step, at its ``zero_grad()`` or at construction.
+        """
+        mark = self._grad_mark
+        params = [p for g in self.param_groups for p in g["params"]]
+        if mark is None:
+            return any(p.grad is not None for p in params)
+        if len(mark) != len(params):  # a group was added: recompute the clean gradient
+            return False
+        for p, m in zip(params, mark, strict=True):
+            grad = p.grad
+            if grad is None:
+                continue
+            if m is None or m[0]() is not grad or grad._version != m[1]:
+                return True
+        return False
 
     @property
     def is_perturbed(self) -> bool:
@@ -443,20 +635,50 @@ class SAM(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One SAM step through the ``torch.optim`` closure contract; returns the clean loss.
 
-        The closure must zero the gradients, compute the loss, call ``backward()`` and return
-        the loss. It runs twice: at :math:`w` and at :math:`w + e`. If the second call raises
-        (including ``KeyboardInterrupt`` or an out-of-memory error), the parameters are
-        restored to :math:`w` before the exception propagates. A closure may return ``None``
-        (as ``torch.optim`` allows); the step still runs and :attr:`loss`,
-        :attr:`perturbed_loss` and :attr:`sharpness` are ``None``. With ``skip_nonfinite``
-        and a non-finite clean gradient on CPU the closure is not called a second time (on
-        accelerators it is, and the step is then skipped; see ``skip_nonfinite``).
+        (``None`` when the clean pass was the caller's own backward, as the popular
+        wrapper's ``step`` returns nothing; :attr:`perturbed_loss` is set either way.)
+
+        The closure computes the loss, calls ``backward()`` and returns the loss; SAM sets
+        the gradients to ``None`` before *each* call, so a closure that does not zero them
+        gives the same result as one that does. The rule for the clean gradient:
+
+        * No backward pass since the last step (the ``torch.optim`` contract, Lightning's
+          automatic optimization): the closure is called twice, at :math:`w` and at
+          :math:`w + e`.
+        * A backward pass ran since the last step or ``zero_grad()`` (new gradient
+          tensors, or gradients written in place): that gradient is the clean one and the
+          closure is called once, at :math:`w + e`. This is the popular PyTorch SAM
+          wrapper's loop, ``loss.backward(); optimizer.step(closure);
+          optimizer.zero_grad()``, which gives that wrapper's trajectory, batch-norm
+          running statistics and dropout masks included (two forward passes per step).
+          Zero gradients with ``optimizer.zero_grad()`` or ``set_to_none=True`` (the
+          default): gradients zeroed in place by other means look like a fresh backward.
+
+        With ``SAM(..., model=model)`` the perturbed call runs with the model's batch-norm
+        running statistics frozen (:func:`disable_running_stats`), so they come from the
+        clean pass only, without the closure knowing.
+
+        If the closure raises at :math:`w + e` (including ``KeyboardInterrupt`` or an
+        out-of-memory error), the parameters are restored to :math:`w` before the
+        exception propagates. A closure may return ``None`` (as ``torch.optim`` allows);
+        the step still runs and :attr:`loss`, :attr:`perturbed_loss` and :attr:`sharpness`
+        are ``None``. With ``skip_nonfinite`` and a non-finite clean gradient on CPU the
+        closure is not called at :math:`w + e` (on accelerators it is, and the step is
+        then skipped; see ``skip_nonfinite``).
+
+        ``step()`` without a closure raises: SAM needs a second forward-backward pass. This
+        includes ``GradScaler.step(optimizer)`` (Lightning's ``precision="16-mixed"``):
+        use :class:`ScaledSAM` under manual optimization, or bfloat16 autocast.
         """
         if closure is None:
             raise RuntimeError(
                 "SAM.step() needs a closure: it evaluates the loss twice (at w and at w + e). "
-                "Pass one that zeroes the grads, computes the loss, calls backward() and "
-                "returns the loss, or call first_step() and second_step() yourself."
+                "Pass one that computes the loss, calls backward() and returns the loss, or "
+                "call first_step() and second_step() yourself. Under float16 mixed precision "
+                "GradScaler.step(optimizer) (and Lightning's precision='16-mixed', which calls "
+                "it) passes no closure: use sam_torch.ScaledSAM with manual optimization "
+                "(Lightning: self.automatic_optimization = False), or bfloat16 "
+                "(precision='bf16-mixed'), which needs no scaler."
             )
         if not callable(closure):
             raise TypeError(
@@ -468,24 +690,31 @@ class SAM(Optimizer):
                 "step(closure) called between first_step() and second_step(): finish the "
                 "two-step API with second_step() (or restore()) before calling step()."
             )
-        with torch.enable_grad():
-            loss = closure()
+        loss = None
+        if not self._has_fresh_grads():
+            self.zero_grad()
+            with torch.enable_grad():
+                loss = closure()
         self.first_step()
         if self._skip_base_step:  # non-finite clean gradient: nothing perturbed, skip it all
             self.restore()
-            self.step_skipped = True
-            self._opt_called = True
             self.loss, self.perturbed_loss = _detached(loss), None
+            self._finish_step(True)
             return loss
         try:
-            with torch.enable_grad():
+            self.zero_grad()
+            with torch.enable_grad(), self._frozen_stats():
                 perturbed_loss = closure()
         except BaseException:
             self.restore()
             raise
         if self.skip_nonfinite and not self._check_perturbed and isinstance(perturbed_loss, Tensor):
             self._perturbed_loss_finite = torch.isfinite(perturbed_loss.detach()).all()
-        self.second_step()
+        self._in_closure_step = True
+        try:
+            self.second_step()
+        finally:
+            self._in_closure_step = False
         self.loss = _detached(loss)
         self.perturbed_loss = _detached(perturbed_loss)
         return loss
@@ -559,13 +788,15 @@ class SAM(Optimizer):
                         f"SAM does not support sparse gradients (parameter of shape "
                         f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
                     )
-            device, dtype = params[0].device, params[0].dtype
-            ops = TorchOps(
-                device, dtype, foreach=self._use_foreach(device), host_reads=_sync_is_cheap(device)
-            )
-            grads = [p.grad for p in params]
-            out = [self._spare_for(p) for p in params]
-            plan.append((group, ops, params, grads, out))
+            for part in _by_device_and_dtype(params):
+                device, dtype = part[0].device, part[0].dtype
+                ops = TorchOps(
+                    device, dtype, foreach=self._use_foreach(device),
+                    host_reads=_sync_is_cheap(device),
+                )
+                grads = [p.grad for p in part]
+                out = [self._spare_for(p) for p in part]
+                plan.append((group, ops, part, grads, out))
         return plan
 
     def _spare_for(self, p: Tensor) -> Tensor:
@@ -656,6 +887,21 @@ def _blocked_direction(
     return list(out), torch.stack(parts).sum()
 
 
+def _by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
+    """``params`` split by (device, dtype), in first-seen order, as torch's foreach paths do.
+
+    The common case, one device and one dtype, returns ``[params]`` after one comparison per
+    parameter.
+    """
+    device, dtype = params[0].device, params[0].dtype
+    if all(p.dtype is dtype and p.device == device for p in params):
+        return [params]
+    parts: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        parts.setdefault((p.device, p.dtype), []).append(p)
+    return list(parts.values())
+
+
 def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
     """``dst[i].copy_(src[i])`` for all i; per tensor for DTensors (no ``_foreach_copy_`` rule)."""
     if any(type(t) is not Tensor for t in dst):
@@ -737,10 +983,21 @@ def _check_no_key_collision(base_optimizer: Any) -> None:
         name = getattr(base_optimizer, "__name__", repr(base_optimizer))
         raise ValueError(
             f"base_optimizer {name} takes {clash[0]!r}, which SAM also stores in every param "
-            "group; both cannot share one group dict. Use another base optimizer, or wrap it so "
-            "that the argument is fixed (functools.partial does not help here: the group key "
-            "still collides)."
+            f"group under that name (SAM's {clash[0]!r}); SAM and its base optimizer share the "
+            "group dicts, so each would read the other's value, and no keyword argument can "
+            "separate them. Use another base optimizer (torch.optim.SGD, Adam, AdamW, RMSprop, "
+            "Adagrad, ... have no such argument)."
         )
+
+
+def _is_named(p: Any) -> bool:
+    return isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+
+
+def _eps_is_sam_only(sam: SAM) -> bool:
+    """Whether the base optimizer has no ``eps`` of its own (so a group's ``eps`` is a slip)."""
+    base = getattr(sam, "base_optimizer", None)
+    return base is not None and "eps" not in base.defaults
 
 
 def _owns_storage(p: Tensor) -> bool:
@@ -766,7 +1023,6 @@ def _check_group_params(params: list[Any], index: int) -> None:
     if not params:
         return
     seen: set[int] = set()
-    first = None
     for p in params:
         if not isinstance(p, Tensor):
             raise TypeError(
@@ -779,15 +1035,16 @@ def _check_group_params(params: list[Any], index: int) -> None:
                 "pass each parameter once (model.parameters() already deduplicates shared weights)"
             )
         seen.add(id(p))
+        if p.device.type == "meta":
+            raise ValueError(
+                f"param group {index}: a parameter (shape {tuple(p.shape)}) is on the meta "
+                "device, which holds no values; materialize the model first (e.g. "
+                "model.to_empty(device='cpu') and initialize it, or load its weights) and "
+                "build SAM on its parameters then"
+            )
         if p.is_complex():
             raise TypeError(
                 f"param group {index}: SAM does not support complex parameters (got {p.dtype}, "
                 f"shape {tuple(p.shape)}); optimize torch.view_as_real(param) instead"
             )
-        if first is None:
-            first = p
-        elif p.device != first.device or p.dtype != first.dtype:
-            raise ValueError(
-                f"param group {index} mixes {first.dtype} on {first.device} with {p.dtype} on "
-                f"{p.device}; put parameters of each device and dtype in their own param group"
-            )
+

@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 import sam_core
 
 from ._ops import TorchOps
-from ._sam import SAM
+from ._sam import SAM, _by_device_and_dtype
 
 __all__ = [
     "GSAM",
@@ -83,12 +83,11 @@ class _VariantSAM(SAM):
         False) and sets ``step_skipped``.
         """
         skip = bool(getattr(self, "skip_nonfinite", False)) and not self._grads_all_finite()
-        self.step_skipped = skip
         if not skip:
             self.base_optimizer.step()
-        self._opt_called = True
         self.loss = _detached(loss)
         self.perturbed_loss = None
+        self._finish_step(skip)
         return not skip
 
     def _ordered_params(self) -> list[Tensor]:
@@ -126,6 +125,31 @@ def _detached(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
+# torch.optim optimizers that keep no momentum buffer MomentumSAM could read.
+_NO_MOMENTUM = ("Adagrad", "Adadelta", "ASGD", "LBFGS", "Rprop", "SparseAdam")
+
+
+def _check_keeps_momentum(base: Optimizer) -> None:
+    """MomentumSAM needs a momentum: reject SGD/RMSprop with momentum 0 and optimizers with none."""
+    name = type(base).__name__
+    fix = (
+        "use SGD(momentum=0.9), Adam or AdamW as base_optimizer, or SAM, which needs no "
+        "momentum"
+    )
+    if name in _NO_MOMENTUM:
+        raise ValueError(
+            f"MomentumSAM perturbs along the base optimizer's momentum, and {name} keeps none; "
+            + fix
+        )
+    for i, group in enumerate(base.param_groups):
+        if "momentum" in group and not group["momentum"] > 0:
+            raise ValueError(
+                f"MomentumSAM perturbs along the base optimizer's momentum, but param group {i} "
+                f"has momentum={group['momentum']!r} ({name} then keeps no momentum buffer); "
+                + fix
+            )
+
+
 def _sum_scalars(values: list[Tensor]) -> Tensor:
     total = values[0]
     for v in values[1:]:
@@ -156,7 +180,7 @@ class GSAM(_VariantSAM):
     ICLR 2022 (official CIFAR example: ``alpha=0.2``, ASAM, ``rho`` 2.0).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, eps, perturb_impl, storage,
+        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
             **base_kwargs: as :class:`~sam_torch.SAM`.
         alpha: weight of :math:`g_\perp`, in [0, 1]; 0 is SAM.
 
@@ -171,7 +195,7 @@ class GSAM(_VariantSAM):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         alpha: float = 0.2,
         perturb_impl: _Impl = "auto",
@@ -185,7 +209,7 @@ class GSAM(_VariantSAM):
             rho,
             adaptive,
             eta,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
@@ -194,7 +218,7 @@ class GSAM(_VariantSAM):
         self._clean: dict[Tensor, Tensor] = {}
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
             self._clean = {}
@@ -202,14 +226,14 @@ class GSAM(_VariantSAM):
                 bufs = [self._buffer("gsam_clean_grad", p, persistent=False) for p in params]
                 torch._foreach_copy_(bufs, grads)
                 self._clean.update(zip(params, bufs, strict=True))
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, loss=loss)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Replace the gradient by :math:`g_s - \alpha g_\perp`, restore and step."""
         if self.is_perturbed:
             self._decompose()
-        super().second_step(zero_grad)
+        super().second_step(zero_grad, loss=loss)
 
     def _decompose(self) -> None:
         parts = []
@@ -269,19 +293,21 @@ class ProportionalRhoScheduler:
         self.rho_max = rho_max
         self.rho_min = rho_min
         self.lr_min = lr_min
-        self.lr_maxes = []
+        self.lr_max = lr_max
+        self.lr_maxes: list[float] = []
         for group in optimizer.param_groups:
-            top = lr_max if lr_max is not None else group.get("initial_lr", group["lr"])
-            top = float(top)
-            sam_core.validate_proportional_rho(
-                lr_max=top, lr_min=lr_min, rho_max=rho_max, rho_min=rho_min
-            )
-            self.lr_maxes.append(top)
+            self.lr_maxes.append(self._lr_max_of(group))
         self.last_rho: list[Any] = []
         self.step()
 
     def step(self) -> list[Any]:
-        """Set every group's ``rho`` from its current ``lr``; returns the new values."""
+        """Set every group's ``rho`` from its current ``lr``; returns the new values.
+
+        A group added to the optimizer after this scheduler was built (``add_param_group``)
+        gets its ``lr_max`` the way the first groups did, when this first sees it.
+        """
+        for group in self.optimizer.param_groups[len(self.lr_maxes):]:
+            self.lr_maxes.append(self._lr_max_of(group))
         self.last_rho = []
         for group, top in zip(self.optimizer.param_groups, self.lr_maxes, strict=True):
             group["rho"] = sam_core.proportional_rho(
@@ -293,6 +319,14 @@ class ProportionalRhoScheduler:
             )
             self.last_rho.append(group["rho"])
         return self.last_rho
+
+    def _lr_max_of(self, group: dict[str, Any]) -> float:
+        top = self.lr_max if self.lr_max is not None else group.get("initial_lr", group["lr"])
+        top = float(top)
+        sam_core.validate_proportional_rho(
+            lr_max=top, lr_min=self.lr_min, rho_max=self.rho_max, rho_min=self.rho_min
+        )
+        return top
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr_maxes": list(self.lr_maxes), "last_rho": list(self.last_rho)}
@@ -325,7 +359,7 @@ class WSAM(_VariantSAM):
     here: clip in the closure if you want it).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, eps, perturb_impl, storage,
+        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
             **base_kwargs: as :class:`~sam_torch.SAM`.
         gamma: in [0, 1).
         decouple: apply the sharpness term outside the base optimizer (needs ``lr`` in
@@ -341,7 +375,7 @@ class WSAM(_VariantSAM):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         gamma: float = 0.88,
         decouple: bool = True,
@@ -357,7 +391,7 @@ class WSAM(_VariantSAM):
             rho,
             adaptive,
             eta,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
@@ -373,7 +407,7 @@ class WSAM(_VariantSAM):
         self._sharpness: list[tuple[dict[str, Any], TorchOps, list[Tensor], list[Tensor]]] = []
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
             self._clean = {}
@@ -381,10 +415,10 @@ class WSAM(_VariantSAM):
                 bufs = [self._buffer("wsam_clean_grad", p, persistent=False) for p in params]
                 torch._foreach_copy_(bufs, grads)
                 self._clean.update(zip(params, bufs, strict=True))
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, loss=loss)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Form WSAM's gradient (or split off the sharpness term), restore and step."""
         self._sharpness = []
         if self.is_perturbed:
@@ -401,7 +435,7 @@ class WSAM(_VariantSAM):
                 else:
                     sam_core.wsam_gradient(ops, g, g_s, gamma=self.gamma, out=g_s)
             self._clean = {}
-        super().second_step(zero_grad)
+        super().second_step(zero_grad, loss=loss)
         if self._sharpness and not getattr(self, "step_skipped", False):
             weight = sam_core.wsam_weight(self.gamma)
             for group, ops, params, sharp in self._sharpness:
@@ -458,7 +492,7 @@ class SAMON(_VariantSAM):
     with ASAM-ON and a larger ``rho`` than for SAM; tune it).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, eps, perturb_impl, storage,
+        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
             **base_kwargs: as :class:`~sam_torch.SAM`.
         norm_params: the parameters to perturb: a module (its
             :func:`normalization_parameters` are used) or an iterable of parameters (any
@@ -474,7 +508,7 @@ class SAMON(_VariantSAM):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         norm_params: nn.Module | Iterable[Tensor],
         perturb_impl: _Impl = "auto",
@@ -487,7 +521,7 @@ class SAMON(_VariantSAM):
             rho,
             adaptive,
             eta,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
@@ -553,7 +587,7 @@ class FriendlySAM(_VariantSAM):
     defaults ``sigma=1``, ``lmbda=0.9``; its CIFAR script uses ``lmbda=0.95``, ``rho=0.2``).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, eps, perturb_impl, storage,
+        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
             **base_kwargs: as :class:`~sam_torch.SAM`.
         sigma: weight of the average removed from the gradient, in [0, 1].
         lmbda: decay of the average, in [0, 1).
@@ -568,7 +602,7 @@ class FriendlySAM(_VariantSAM):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         sigma: float = 1.0,
         lmbda: float = 0.9,
@@ -583,7 +617,7 @@ class FriendlySAM(_VariantSAM):
             rho,
             adaptive,
             eta,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
@@ -592,7 +626,7 @@ class FriendlySAM(_VariantSAM):
         self.lmbda = lmbda
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Turn ``p.grad`` into :math:`d = g - \sigma m`, perturb along d, then update m.
 
         :math:`m` absorbs the step only if the step was not skipped for a non-finite
@@ -610,7 +644,7 @@ class FriendlySAM(_VariantSAM):
             if known:  # d = g - sigma m, written over the gradient
                 sam_core.friendly_direction(ops, d, m, sigma=self.sigma, out=d)
             parts.append((ops, [params[i] for i in fresh], [grads[i] for i in fresh], m, d))
-        super().first_step(zero_grad=False)
+        super().first_step(zero_grad=False, loss=loss)
         if not getattr(self, "step_skipped", False):
             for ops, fresh, fresh_grads, m, d in parts:
                 if fresh:  # the first gradient: m = g (and d was g)
@@ -642,10 +676,10 @@ class VaSSO(_VariantSAM):
 
     Reference: Li and Giannakis, "Enhancing Sharpness-Aware Optimization Through Variance
     Suppression", NeurIPS 2023 (official default ``theta=0.9``; the official code adds
-    ``1e-7`` to the norm where this class uses ``eps``).
+    ``1e-7`` to the norm where this class uses ``sam_eps``).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, eps, perturb_impl, storage,
+        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
             **base_kwargs: as :class:`~sam_torch.SAM`.
         theta: weight of the new gradient in the average, in [0, 1].
 
@@ -659,7 +693,7 @@ class VaSSO(_VariantSAM):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         theta: float = 0.9,
         perturb_impl: _Impl = "auto",
@@ -673,7 +707,7 @@ class VaSSO(_VariantSAM):
             rho,
             adaptive,
             eta,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
@@ -681,7 +715,7 @@ class VaSSO(_VariantSAM):
         self.theta = theta
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Turn ``p.grad`` into the new average :math:`m`, perturb along it, keep it."""
         if self.is_perturbed:
             super().first_step(zero_grad)  # raises: first_step() twice
@@ -695,7 +729,7 @@ class VaSSO(_VariantSAM):
                     ops, d, [averages[params[i]] for i in known], theta=self.theta, out=d
                 )
             new_average.append((params, grads))
-        super().first_step(zero_grad=False)
+        super().first_step(zero_grad=False, loss=loss)
         if not getattr(self, "step_skipped", False):
             for params, grads in new_average:
                 torch._foreach_copy_([self._buffer("vasso_average", p) for p in params], grads)
@@ -748,7 +782,7 @@ class LookSAM(_VariantSAM):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         k: int = 5,
         alpha: float = 0.7,
@@ -763,7 +797,7 @@ class LookSAM(_VariantSAM):
             rho,
             adaptive,
             eta,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
@@ -782,21 +816,21 @@ class LookSAM(_VariantSAM):
         return self.variant_step % self.k == 0 or self.gv_norm is None
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep the clean gradient (in the :math:`g_v` buffer), then perturb as SAM does."""
         if not self.is_perturbed:
             self._pending = set()
             for _, _, params, grads, _ in self._plan():
                 torch._foreach_copy_([self._buffer("looksam_gv", p) for p in params], grads)
                 self._pending.update(params)
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, loss=loss)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Store :math:`g_v` from :math:`g_s` and :math:`g`, restore and step with :math:`g_s`."""
         if self.is_perturbed:
             self._store_gv()
-        super().second_step(zero_grad)
+        super().second_step(zero_grad, loss=loss)
         if getattr(self, "step_skipped", False):
             self.gv_norm = None  # g_v is not valid: the next step is a full one again
             self._buffers.pop("looksam_gv", None)
@@ -851,6 +885,7 @@ class LookSAM(_VariantSAM):
             return super().step(closure)
         loss = None
         if closure is not None:
+            self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
         self._reuse_step()
@@ -877,7 +912,7 @@ class EveryKSAM(_VariantSAM):
     closure once and step the base optimizer with the clean gradient. ``k=1`` is SAM.
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, eps, perturb_impl, storage,
+        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
             **base_kwargs: as :class:`~sam_torch.SAM`.
         k: the interval, an int >= 1.
 
@@ -891,7 +926,7 @@ class EveryKSAM(_VariantSAM):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.01,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         k: int = 5,
         perturb_impl: _Impl = "auto",
@@ -905,7 +940,7 @@ class EveryKSAM(_VariantSAM):
             rho,
             adaptive,
             eta,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
@@ -918,8 +953,8 @@ class EveryKSAM(_VariantSAM):
         return (self.variant_step + 1) % self.k == 0
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        super().second_step(zero_grad)
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        super().second_step(zero_grad, loss=loss)
         if not getattr(self, "step_skipped", False):
             self.variant_step += 1
 
@@ -933,6 +968,7 @@ class EveryKSAM(_VariantSAM):
             return super().step(closure)
         loss = None
         if closure is not None:
+            self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
         if self._base_step(loss):
@@ -974,7 +1010,7 @@ class MomentumSAM(_VariantSAM):
             :class:`~sam_torch.SAM`; the base optimizer must keep a momentum
             (``SGD(momentum>0)``, ``Adam``, ``AdamW``, ...).
         rho: length of the perturbation, :math:`\rho \ge 0`.
-        eps: added to the momentum norm, :math:`\epsilon > 0`.
+        sam_eps: added to the momentum norm, :math:`\epsilon > 0`.
 
     Cost: one pass per step and one extra element-wise pass over the parameters.
     """
@@ -984,23 +1020,31 @@ class MomentumSAM(_VariantSAM):
         params: _Params,
         base_optimizer: type[Optimizer] | Callable[..., Optimizer],
         rho: float = 0.3,
-        eps: float = 1e-12,
+        sam_eps: float = 1e-12,
         *,
         perturb_impl: _Impl = "auto",
         storage: _Storage = "auto",
         **base_kwargs: Any,
     ) -> None:
+        for key in ("adaptive", "eta"):
+            if key in base_kwargs:
+                raise TypeError(
+                    f"MomentumSAM takes no {key}=: its perturbation is -rho * v / (||v|| + "
+                    "sam_eps) along the base optimizer's momentum v, with no adaptive (ASAM) "
+                    "form; use SAM(adaptive=True) or another variant for ASAM"
+                )
         super().__init__(
             params,
             base_optimizer,
             rho,
             False,
             0.01,
-            eps,
+            sam_eps,
             perturb_impl=perturb_impl,
             storage=storage,
             **base_kwargs,
         )
+        _check_keeps_momentum(self.base_optimizer)
         # The gradient at w + e is the step's only gradient: SAM's default policy ("clean",
         # the gradient the step is built from) means checking it here.
         self._check_perturbed = bool(self.skip_nonfinite)
@@ -1014,7 +1058,7 @@ class MomentumSAM(_VariantSAM):
         return None
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Move every parameter with a momentum to :math:`w - \rho v / \lVert v \rVert`."""
         if self.is_perturbed:
             raise RuntimeError(
@@ -1024,10 +1068,10 @@ class MomentumSAM(_VariantSAM):
         plan = []
         for group in self.param_groups:
             params = [p for p in group["params"] if self._momentum(p) is not None]
-            if params:
-                device, dtype = params[0].device, params[0].dtype
+            for part in _by_device_and_dtype(params) if params else ():
+                device, dtype = part[0].device, part[0].dtype
                 ops = TorchOps(device, dtype, foreach=self._use_foreach(device))
-                plan.append((group, ops, params, [self._momentum(p) for p in params]))
+                plan.append((group, ops, part, [self._momentum(p) for p in part]))
         if not plan:
             if self.variant_step > 0:
                 raise RuntimeError(
@@ -1055,8 +1099,8 @@ class MomentumSAM(_VariantSAM):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        super().second_step(zero_grad)
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        super().second_step(zero_grad, loss=loss)
         if not getattr(self, "step_skipped", False):
             self.variant_step += 1
 
@@ -1069,12 +1113,19 @@ class MomentumSAM(_VariantSAM):
             )
         self.first_step()
         try:
+            self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
         except BaseException:
             self.restore()
             raise
-        self.second_step()
+        if self.skip_nonfinite and isinstance(loss, Tensor):
+            self._perturbed_loss_finite = torch.isfinite(loss.detach()).all()
+        self._in_closure_step = True
+        try:
+            self.second_step()
+        finally:
+            self._in_closure_step = False
         self.loss = None
         self.perturbed_loss = _detached(loss)
         return loss

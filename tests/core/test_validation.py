@@ -59,3 +59,12 @@ def test_helpers():
         sam_core.check_positive_int("k", 2.0)
     sam_core.check_unit_interval("alpha", 0.2)
     sam_core.check_positive_int("k", 5)
+
+
+def test_validate_sam_names_the_epsilon_as_the_caller_does():
+    # sam_torch passes SAM's epsilon as sam_eps (eps belongs to its base optimizer); sam_jax
+    # keeps optax.contrib.sam's name, eps.
+    with pytest.raises(ValueError, match=r"^sam_eps must be a finite number > 0, got 0\.0$"):
+        sam_core.validate_sam(**{**GOOD, "eps": 0.0}, eps_name="sam_eps")
+    with pytest.raises(ValueError, match=r"^eps must be a finite number > 0, got 0\.0$"):
+        sam_core.validate_sam(**{**GOOD, "eps": 0.0})

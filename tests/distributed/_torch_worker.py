@@ -62,7 +62,7 @@ def train(
     from sam_torch import SAM
 
     sam = SAM(model.parameters(), torch.optim.SGD, lr=ref.LR, momentum=ref.MOMENTUM,
-              rho=ref.RHO, adaptive=adaptive, eta=ref.ETA, eps=ref.EPS, storage=storage,
+              rho=ref.RHO, adaptive=adaptive, eta=ref.ETA, sam_eps=ref.EPS, storage=storage,
               perturb_impl=perturb_impl)
     params = list(model.parameters())
     # Which storage SAM chose (swap: p.data is exchanged with a spare buffer and back).
@@ -134,7 +134,7 @@ def _closure_m_sharpness(model: nn.Module, problem: dict[str, Any], rank: int) -
     from sam_torch import SAM, clean_pass
 
     sam = SAM(model.parameters(), torch.optim.SGD, lr=ref.LR, momentum=ref.MOMENTUM,
-              rho=ref.RHO, eta=ref.ETA, eps=ref.EPS)
+              rho=ref.RHO, eta=ref.ETA, sam_eps=ref.EPS)
     for step in range(len(problem["xs"])):
         x, y = _shard(problem, step, rank)
         calls = []
@@ -155,7 +155,7 @@ def _mistake(model: nn.Module, problem: dict[str, Any], rank: int) -> dict[str, 
     from sam_torch import SAM
 
     sam = SAM(model.parameters(), torch.optim.SGD, lr=ref.LR, momentum=ref.MOMENTUM,
-              rho=ref.RHO, eta=ref.ETA, eps=ref.EPS)
+              rho=ref.RHO, eta=ref.ETA, sam_eps=ref.EPS)
     for step in range(len(problem["xs"])):
         x, y = _shard(problem, step, rank)
         loss = mse(model(x), y)
@@ -220,7 +220,7 @@ def run_dtensor(rank: int, problem: dict[str, Any]) -> dict[str, Any]:
             ops = TorchOps(torch.device("cpu"), torch.float64, foreach=impl == "foreach")
             sq = ops.sum_of_squares([p.grad for p in params])
             sam = SAM(params, torch.optim.SGD, lr=ref.LR, rho=ref.RHO, adaptive=adaptive,
-                      eta=ref.ETA, eps=ref.EPS, perturb_impl=impl)
+                      eta=ref.ETA, sam_eps=ref.EPS, perturb_impl=impl)
             before = [p.detach().full_tensor() for p in params]
             sam.first_step()
             results[f"dtensor_{impl}_{'asam' if adaptive else 'sam'}"] = {

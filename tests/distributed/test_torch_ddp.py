@@ -145,7 +145,7 @@ def _single_process_sam(problem: dict[str, Any], adaptive: bool) -> list[torch.T
 
     model = MLP(problem["params"])
     sam = SAM(model.parameters(), torch.optim.SGD, lr=ref.LR, momentum=ref.MOMENTUM,
-              rho=ref.RHO, adaptive=adaptive, eta=ref.ETA, eps=ref.EPS)
+              rho=ref.RHO, adaptive=adaptive, eta=ref.ETA, sam_eps=ref.EPS)
     for x, y in zip(problem["xs"], problem["ys"], strict=True):
         x, y = torch.tensor(x), torch.tensor(y)
         mse(model(x), y).backward()

@@ -147,4 +147,10 @@ def test_jax_script_static_full_step_schedule_equals_the_count_based_one(
     with open(tmp_path / "cond" / "checkpoint.pkl", "rb") as f:
         b = pickle.load(f)["state"]["params"]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-5)
+        # Two differently compiled float32 programs round differently (which element, and by
+        # how much, depends on the CPU), and two epochs of training amplify that. So compare
+        # each leaf as a whole relative to its own scale, not element by element against an
+        # absolute constant: ||x - y|| <= 1e-2 ||y||. Measured on one CPU: at most 2.2e-4
+        # over the leaves; the schedule shifted by one step: up to 1.08 (and 2e-3 at least).
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert np.linalg.norm(x - y) <= 1e-2 * np.linalg.norm(y)

@@ -735,19 +735,23 @@ def test_nonfinite_perturbed_loss_in_step_closure_skips_under_every_policy(polic
     assert_bitwise(opt_state(sam), s0)
 
 
-def test_default_policy_checks_the_clean_gradient_only_in_the_two_step_api():
-    # "clean" reads no gradient after the second pass (its cost is that of no check);
-    # a NaN that only the perturbed gradient shows needs skip_nonfinite="both".
+@pytest.mark.parametrize("pass_loss", [False, True])
+def test_default_policy_keeps_a_nan_of_the_perturbed_pass_out_in_the_two_step_api(pass_loss):
+    # "clean" checks what the step is built from: with second_step(loss=...) the perturbed
+    # loss (a 0-d read), without it the perturbed gradient (the two-step API has no loss).
     model = make_model(seed=42)
-    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     assert sam.skip_nonfinite == "clean"
     x, t = make_data(1, seed=43)[0]
+    w0 = snapshot(model)
     mse(model, x, t).backward()
     sam.first_step(zero_grad=True)
-    _poisoned_loss(model, x, t, True).backward()
-    sam.second_step(zero_grad=True)
-    assert not sam.step_skipped
-    assert not all(torch.isfinite(p).all() for p in model.parameters())
+    loss = _poisoned_loss(model, x, t, True)
+    loss.backward()
+    sam.second_step(zero_grad=True, loss=loss if pass_loss else None)
+    assert sam.step_skipped
+    assert_bitwise(snapshot(model), w0)
+    assert opt_state(sam) == []  # the momentum buffers were never created
 
 
 def test_skip_nonfinite_false_lets_nan_through_like_torch_optim():
@@ -796,7 +800,8 @@ class _HostReads:
 
 
 @pytest.mark.parametrize(
-    "policy, bad_pass", [("both", None), ("both", 1), ("both", 2), ("clean", None), ("clean", 1)]
+    "policy, bad_pass",
+    [("both", None), ("both", 1), ("both", 2), ("clean", None), ("clean", 1), ("clean", 2)],
 )
 @pytest.mark.parametrize("storage", ["swap", "copy"])
 def test_accelerator_policy_checks_the_passes_with_one_sync_in_second_step(
@@ -831,8 +836,8 @@ def test_accelerator_policy_checks_the_passes_with_one_sync_in_second_step(
     ref_model, ref_sam, _, _, _ = run(deferred=False)
     # The single host sync of a normal step; a skipped step confirms the fast (read-only)
     # check's negative with the exact one: a second sync, on that rare step only.
-    # ("clean" reads only the clean pass's flag: one sync, skipped or not)
-    assert n_reads == (1 if bad_pass is None or policy == "clean" else 2)
+    # (the two-step API has no perturbed loss, so "clean" checks the perturbed gradient too)
+    assert n_reads == (1 if bad_pass is None else 2)
     assert sam.step_skipped == (bad_pass is not None) == ref_sam.step_skipped
     assert_bitwise(snapshot(model), snapshot(ref_model))
     assert_bitwise(opt_state(sam), opt_state(ref_sam))

@@ -395,7 +395,7 @@ def test_disable_running_stats_keeps_running_statistics_from_clean_pass_only():
     [
         (dict(rho=-0.1), ValueError, "rho must be a finite number >= 0, got -0.1"),
         (dict(rho=float("nan")), ValueError, "rho must be a finite number >= 0, got nan"),
-        (dict(eps=0.0), ValueError, "eps must be a finite number > 0, got 0.0"),
+        (dict(sam_eps=0.0), ValueError, "sam_eps must be a finite number > 0, got 0.0"),
         (dict(eta=-0.01), ValueError, "eta must be a finite number >= 0, got -0.01"),
         (dict(adaptive="yes"), TypeError, "adaptive must be True or False, got str 'yes'"),
         (dict(perturb_impl="cuda"), ValueError, "perturb_impl must be 'auto', 'foreach', 'per_tensor' or 'compiled'"),
@@ -431,12 +431,29 @@ def test_step_order_misuse_raises():
         opt.step()
 
 
-def test_sam_eps_and_adam_eps_do_not_collide():
+def test_eps_goes_to_the_base_optimizer_and_sam_eps_to_sam():
     p = nn.Parameter(torch.randn(3))
-    opt = sam_torch.SAM([p], torch.optim.Adam, lr=1e-3, eps=1e-9)
+    opt = sam_torch.SAM([p], torch.optim.Adam, lr=1e-3, eps=1e-6, sam_eps=1e-9)
     group = opt.param_groups[0]
     assert group["sam_eps"] == 1e-9  # SAM's epsilon ...
-    assert group["eps"] == 1e-8  # ... and Adam's own default, untouched
+    assert group["eps"] == 1e-6  # ... and Adam's, as the popular wrapper passes it
+    assert opt.base_optimizer.defaults["eps"] == 1e-6
+    assert sam_torch.SAM([p], torch.optim.Adam, lr=1e-3).param_groups[0]["eps"] == 1e-8
+
+
+def test_eps_for_a_base_optimizer_without_one_names_sam_eps():
+    p = nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match=r"SAM's own epsilon .* is sam_eps="):
+        sam_torch.SAM([p], torch.optim.SGD, lr=0.1, eps=1e-6)
+
+
+def test_group_sam_eps_errors_name_sam_eps():
+    p, q = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="sam_eps must be a finite number > 0, got 0"):
+        sam_torch.SAM([{"params": [p], "sam_eps": 0}], torch.optim.SGD, lr=0.1)
+    opt = sam_torch.SAM([p], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=r"sam_eps must be a finite number > 0, got -1.0"):
+        opt.add_param_group({"params": [q], "sam_eps": -1.0})
 
 
 def test_base_optimizer_sharing_a_sam_key_is_rejected():

@@ -196,13 +196,25 @@ def test_momentum_sam_with_adam_uses_exp_avg_and_restores_exactly():
         assert torch.equal(p.detach(), w)
 
 
-def test_momentum_sam_without_momentum_raises_a_clear_error():
+def test_momentum_sam_without_momentum_is_rejected_at_construction():
     model = _model(init_mlp())
-    opt = sam_torch.MomentumSAM(model.parameters(), torch.optim.SGD, lr=LR)  # momentum=0
-    batches = make_batches(2)
-    _run(opt, model, batches[:1])
-    with pytest.raises(RuntimeError, match="no momentum buffer"):
-        _run(opt, model, batches[1:])
+    with pytest.raises(ValueError, match=r"param group 0 has momentum=0 \(SGD then keeps no momentum buffer\)"):
+        sam_torch.MomentumSAM(model.parameters(), torch.optim.SGD, lr=LR)  # momentum=0
+    with pytest.raises(ValueError, match="Adagrad keeps none"):
+        sam_torch.MomentumSAM(model.parameters(), torch.optim.Adagrad, lr=LR)
+    groups = [{"params": [model[0].weight], "momentum": 0.0}, {"params": [model[0].bias]}]
+    with pytest.raises(ValueError, match=r"param group 0 has momentum=0.0"):
+        sam_torch.MomentumSAM(groups, torch.optim.SGD, lr=LR, momentum=MOM)
+    # the momentum of SGD(momentum>0) and Adam's exp_avg are fine
+    sam_torch.MomentumSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOM)
+    sam_torch.MomentumSAM(model.parameters(), torch.optim.Adam, lr=LR)
+
+
+@pytest.mark.parametrize("key", ["adaptive", "eta"])
+def test_momentum_sam_has_no_adaptive_mode(key):
+    model = _model(init_mlp())
+    with pytest.raises(TypeError, match=f"MomentumSAM takes no {key}=: .* no adaptive"):
+        sam_torch.MomentumSAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOM, **{key: True})
 
 
 @pytest.mark.parametrize("name", ["looksam", "friendly", "everyk", "vasso"])
