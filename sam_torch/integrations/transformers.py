@@ -113,8 +113,9 @@ class SAMTrainer(Trainer):
     Args:
         *args, **kwargs: as ``transformers.Trainer``.
         sam_rho: the neighbourhood radius when the Trainer builds the optimizer
-            (default 0.05).
-        sam_adaptive: ASAM when the Trainer builds the optimizer (default ``False``).
+            (default: ``sam_class``'s, 0.05 for SAM).
+        sam_adaptive: ASAM when the Trainer builds the optimizer (default: ``sam_class``'s,
+            ``False`` for SAM).
         sam_class: :class:`sam_torch.SAM` or one of its variants (default ``SAM``).
         sam_kwargs: other keyword arguments of ``sam_class`` (``eta``, ``alpha``, ``k``,
             ``skip_nonfinite``, ...).
@@ -181,8 +182,8 @@ class SAMTrainer(Trainer):
                 "itself, between SAM's two passes there is no place to restore the weights. "
                 "Drop the deepspeed= argument."
             )
-        self.sam_rho = 0.05 if sam_rho is None else sam_rho
-        self.sam_adaptive = False if sam_adaptive is None else sam_adaptive
+        self.sam_rho = sam_rho  # None: the class's default (0.05 for SAM)
+        self.sam_adaptive = sam_adaptive  # None: the class's default (MomentumSAM has none)
         self.sam_class = SAM if sam_class is None else sam_class
         self.sam_kwargs = dict(sam_kwargs or {})
         self.sam_dropout = sam_dropout
@@ -238,9 +239,12 @@ class SAMTrainer(Trainer):
         # The base optimizer's hyperparameters (lr, betas, its own eps, fused, ...) are
         # bound here so none of them is taken for one of SAM's arguments.
         base = functools.partial(optimizer_cls, **optimizer_kwargs)
-        return self.sam_class(
-            groups, base, rho=self.sam_rho, adaptive=self.sam_adaptive, **self.sam_kwargs
-        )
+        kwargs = dict(self.sam_kwargs)
+        if self.sam_rho is not None:
+            kwargs["rho"] = self.sam_rho
+        if self.sam_adaptive is not None:
+            kwargs["adaptive"] = self.sam_adaptive
+        return self.sam_class(groups, base, **kwargs)
 
     # -- the step ---------------------------------------------------------------------
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
