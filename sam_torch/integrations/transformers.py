@@ -215,8 +215,9 @@ class SAMTrainer(Trainer):
         return self.optimizer
 
     def _build_sam(self, model: nn.Module) -> SAM:
-        if self.optimizer_cls_and_kwargs is not None:
-            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        cls_and_kwargs = getattr(self, "optimizer_cls_and_kwargs", None)  # newer Trainer versions only
+        if cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = cls_and_kwargs
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs = dict(optimizer_kwargs)
