@@ -329,7 +329,10 @@ class SAMTrainer(Trainer):
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             return
-        self.accelerator.unscale_gradients(optimizer=self.optimizer)
+        optimizer = self.optimizer  # unscale the object scaler.step() will see: the adapter
+        while not isinstance(optimizer, _SAMStep) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        scaler.unscale_(optimizer)
         scaler.update()
 
     # -- logging ----------------------------------------------------------------------

@@ -355,3 +355,47 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     logs = train_logs(trainer)
     assert all(math.isfinite(h["sharpness"]) and math.isfinite(h["grad_norm"]) for h in logs)
+
+
+def test_grad_scaler_path_on_cpu(tmp_path):
+    """The fp16 path: Accelerate creates a GradScaler only on CUDA, so a CPU GradScaler is
+    put in its place (no autocast; the scaling is what is tested). Scaling by a power of two
+    and unscaling is exact, so the weights equal the unscaled run bit for bit; an inf in the
+    perturbed pass makes scaler.step() skip the step, with w restored before anything reads it.
+    No clipping here: Accelerate's clip_grad_norm_ unscales only when it made the scaler
+    itself (CUDA fp16), so on CPU it would clip the scaled gradient."""
+    args = make_args(tmp_path, max_steps=3, optim="adamw_torch", max_grad_norm=0.0)
+    plain_model, scaled_model = tiny_bert(), tiny_bert()
+    SAMTrainer(model=plain_model, args=args, train_dataset=TokenTask(), sam_rho=0.05).train()
+    trainer = SAMTrainer(model=scaled_model, args=args, train_dataset=TokenTask(), sam_rho=0.05)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    trainer.train()
+    a, b = params(plain_model), params(scaled_model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert trainer.accelerator.scaler.get_scale() == 2.0**10  # no inf: no back-off
+
+    model = tiny_bert()
+    calls = [0]
+    after_step = {}
+
+    def poison(module, inputs, output):  # the perturbed pass of step 2 returns an inf loss
+        calls[0] += 1
+        if calls[0] == 4:
+            output.loss = output.loss * float("inf")
+        return output
+
+    class Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            after_step[state.global_step] = (params(model), trainer.sam.is_perturbed)
+
+    model.register_forward_hook(poison)
+    trainer = SAMTrainer(
+        model=model, args=args, train_dataset=TokenTask(), sam_rho=0.05, callbacks=[Snapshot()]
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    trainer.train()
+    w1, w2 = after_step[1][0], after_step[2][0]
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)  # step 2 skipped, w restored exactly
+    assert not after_step[2][1]
+    assert not all(torch.equal(w2[n], after_step[3][0][n]) for n in w2)  # step 3 ran
+    assert trainer.accelerator.scaler.get_scale() == 2.0**9  # one back-off
