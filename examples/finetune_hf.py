@@ -9,7 +9,7 @@ more positive than negative words. A given fraction of the *training* labels is 
 (label noise, default 20%: memorizing it is what hurts test accuracy), the test labels are
 clean.
 
-    python examples/finetune_hf.py                       # AdamW and SAM, seeds 0 1 2
+    python examples/finetune_hf.py            # AdamW, SAM at rho 0.01 0.02 0.05; seeds 0 1 2
     python examples/finetune_hf.py --optimizers sam --rho 0.1 --seeds 0
 
 Needs ``pip install -e ".[torch,hf]"``.
@@ -91,8 +91,9 @@ def build_model(seed: int, hidden: int, layers: int) -> Any:
     return BertForSequenceClassification(config)
 
 
-def run(optimizer: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    """Train one model (``optimizer`` ``"adamw"`` or ``"sam"``) and return its test accuracy."""
+def run(optimizer: str, seed: int, args: argparse.Namespace, rho: float = 0.05) -> dict[str, float]:
+    """Train one model (``optimizer`` ``"adamw"``, ``"sam"`` or ``"asam"``, SAM's radius
+    ``rho``) and return its test accuracy, training time and last logged sharpness."""
     from transformers import Trainer, TrainingArguments
 
     from sam_torch.integrations.transformers import SAMTrainer
@@ -126,7 +127,7 @@ def run(optimizer: str, seed: int, args: argparse.Namespace) -> dict[str, float]
         if optimizer == "adamw":
             trainer = Trainer(**common)
         else:
-            trainer = SAMTrainer(**common, sam_rho=args.rho, sam_adaptive=optimizer == "asam")
+            trainer = SAMTrainer(**common, sam_rho=rho, sam_adaptive=optimizer == "asam")
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -146,12 +147,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
-    p.add_argument("--epochs", type=float, default=12)
+    p.add_argument("--epochs", type=float, default=8)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="warm-up, fraction of the steps")
-    p.add_argument("--rho", type=float, default=0.05, help="SAM's radius (ASAM: try 0.5)")
+    p.add_argument("--rho", type=float, nargs="+", default=[0.01, 0.02, 0.05],
+                   help="SAM's radius; several values: one row each (ASAM: try 0.5)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -162,17 +164,19 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
 
     results: dict[str, list[dict[str, float]]] = {}
     for optimizer in args.optimizers:
-        for seed in args.seeds:
-            r = run(optimizer, seed, args)
-            results.setdefault(optimizer, []).append({"seed": seed, **r})
-            print(f"{optimizer:6s} seed {seed}: test accuracy {r['test_accuracy']:.4f} "
-                  f"({r['train_seconds']:.0f} s)", flush=True)
-    print("\noptimizer  test accuracy (mean +- std over seeds)  seconds/run")
-    for optimizer, runs in results.items():
+        for rho in [None] if optimizer == "adamw" else args.rho:
+            name = optimizer if rho is None else f"{optimizer} rho={rho:g}"
+            for seed in args.seeds:
+                r = run(optimizer, seed, args, rho=rho)
+                results.setdefault(name, []).append({"seed": seed, **r})
+                print(f"{name}, seed {seed}: test accuracy {r['test_accuracy']:.4f} "
+                      f"({r['train_seconds']:.0f} s)", flush=True)
+    print("\noptimizer        test accuracy (mean +- std over seeds)  seconds/run")
+    for name, runs in results.items():
         acc = [100 * r["test_accuracy"] for r in runs]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
         secs = statistics.mean(r["train_seconds"] for r in runs)
-        print(f"{optimizer:9s}  {statistics.mean(acc):6.2f} +- {std:4.2f} %  (n={len(acc)})"
+        print(f"{name:15s}  {statistics.mean(acc):6.2f} +- {std:4.2f} %  (n={len(acc)})"
               f"                  {secs:6.1f}")
     if args.out:
         with open(args.out, "w") as f:
