@@ -120,10 +120,14 @@ def test_two_forward_passes_per_step_sharpness_logged_and_weights_differ_from_ad
     assert diff > 1e-5
 
 
-def test_rho_zero_with_same_dropout_masks_is_the_plain_trainer_bit_for_bit(tmp_path):
-    # With rho = 0 the perturbed pass runs at w itself; with the same dropout masks its
-    # gradient is the clean gradient exactly, so SAM's step is AdamW's step.
-    args = make_args(tmp_path, weight_decay=0.01)
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_rho_zero_with_same_dropout_masks_is_the_plain_trainer_bit_for_bit(tmp_path, accumulation):
+    # With rho = 0 the perturbed pass runs at w itself; with the same dropout masks (replayed
+    # per micro-batch) its gradient is the clean gradient exactly, so SAM's step is AdamW's.
+    args = make_args(
+        tmp_path, weight_decay=0.01, per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
     sam_model, plain_model = tiny_bert(), tiny_bert()
     trainer = SAMTrainer(model=sam_model, args=args, train_dataset=TokenTask(), sam_rho=0.0)
     trainer.train()
