@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
+import sam_core
 import sam_torch
 from sam_torch import SAM, disable_running_stats
 
@@ -155,6 +156,14 @@ class SAMTrainer(Trainer):
             )
             if value is not None
         }
+        if sam_rho is not None or sam_adaptive is not None:  # fail here, not at train()
+            try:
+                sam_core.validate_sam(
+                    rho=0.05 if sam_rho is None else sam_rho, eps=1e-12, eta=0.01,
+                    adaptive=bool(sam_adaptive),
+                )
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"sam_rho/sam_adaptive: {exc}") from None
         for key in ("rho", "adaptive"):
             if sam_kwargs is not None and key in sam_kwargs:
                 raise ValueError(

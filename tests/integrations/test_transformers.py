@@ -319,6 +319,8 @@ def test_user_sam_instance_and_clear_errors(tmp_path):
         SAMTrainer(model=model, args=args, optimizers=(sam, None), sam_rho=0.1)
     with pytest.raises(ValueError, match="sam_dropout must be 'same' or 'fresh', got 'new'"):
         SAMTrainer(model=model, args=args, sam_dropout="new")
+    with pytest.raises(ValueError, match=r"sam_rho/sam_adaptive: rho must be .*-0\.1"):
+        SAMTrainer(model=model, args=args, sam_rho=-0.1)
     with pytest.raises(ValueError, match="pass it as sam_rho= instead"):
         SAMTrainer(model=model, args=args, sam_kwargs={"rho": 0.1})
 
