@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -37,6 +37,16 @@ from transformers import Trainer, TrainerCallback
 import sam_core
 import sam_torch
 from sam_torch import SAM, disable_running_stats
+from sam_torch._msharpness import (
+    _UNSUPPORTED,
+    _add,
+    _and,
+    _batch_size,
+    _finish,
+    _RunningStats,
+    _split,
+)
+from sam_torch._sam import _finite_flag
 
 __all__ = ["SAMTrainer"]
 
@@ -135,10 +145,16 @@ class SAMTrainer(Trainer):
         sam_class: type[SAM] | None = None,
         sam_kwargs: dict[str, Any] | None = None,
         sam_dropout: Literal["same", "fresh"] = "same",
+        m_sharpness: int | None = None,
         **kwargs: Any,
     ) -> None:
         if sam_dropout not in ("same", "fresh"):
             raise ValueError(f"sam_dropout must be 'same' or 'fresh', got {sam_dropout!r}")
+        if m_sharpness is not None:
+            sam_core.check_positive_int("m_sharpness", m_sharpness)
+            reason = _m_sharpness_unsupported(sam_class)
+            if reason is not None:
+                raise TypeError(_variant_message(m_sharpness, sam_class, reason))
         if sam_class is not None and not (isinstance(sam_class, type) and issubclass(sam_class, SAM)):
             raise TypeError(
                 "sam_class must be sam_torch.SAM or one of its variants (sam_torch.GSAM, ...), "
@@ -191,11 +207,15 @@ class SAMTrainer(Trainer):
                 "itself, between SAM's two passes there is no place to restore the weights. "
                 "Drop the deepspeed= argument."
             )
+        if m_sharpness is not None:
+            self._check_m_sharpness_setting(m_sharpness, optimizer)
         self.sam_rho = sam_rho  # None: the class's default (0.05 for SAM)
         self.sam_adaptive = sam_adaptive  # None: the class's default (MomentumSAM has none)
         self.sam_class = SAM if sam_class is None else sam_class
         self.sam_kwargs = dict(sam_kwargs or {})
         self.sam_dropout = sam_dropout
+        #: Examples per chunk of m-sharpness (``None``: batch SAM).
+        self.m_sharpness = m_sharpness
         #: The :class:`sam_torch.SAM` being trained (``None`` until ``train()`` builds it
         #: when the Trainer builds the optimizer). ``trainer.optimizer`` is the Accelerate
         #: wrapper around an adapter of it.
@@ -206,7 +226,33 @@ class SAMTrainer(Trainer):
         self._clean_loss: Tensor | None = None
         self._log_sums: dict[str, Tensor] = {}
         self._log_steps = 0
+        self._m_step: _MStep | None = None  # m-sharpness: the step being accumulated
         self.add_callback(_RestoreAfterStep(self))
+
+    def _check_m_sharpness_setting(self, m: int, optimizer: Any) -> None:
+        """``m_sharpness=``: the settings it is defined and tested for, checked up front."""
+        if optimizer is not None:
+            reason = _m_sharpness_unsupported(type(optimizer))
+            if reason is not None:
+                raise TypeError(_variant_message(m, type(optimizer), reason))
+        args = self.args
+        if args.world_size > 1 or args.n_gpu > 1:
+            raise ValueError(
+                f"SAMTrainer(m_sharpness={m}) runs in one process on one device, got "
+                f"world_size={args.world_size}, n_gpu={args.n_gpu}; run on one device, or drop "
+                "m_sharpness= (SAMTrainer's batch SAM supports DDP: global SAM)"
+            )
+        if args.fp16 or getattr(self.accelerator, "scaler", None) is not None:
+            raise ValueError(
+                f"SAMTrainer(m_sharpness={m}) does not support fp16 (a GradScaler's loss scale "
+                "would have to be shared by the k perturbed passes of a step); use bf16=True "
+                "(or float32), or drop m_sharpness="
+            )
+        batch = args.per_device_train_batch_size
+        try:
+            sam_core.m_sharpness_chunks(batch, m)
+        except ValueError as exc:
+            raise ValueError(f"SAMTrainer(m_sharpness={m}), per_device_train_batch_size: {exc}") from None
 
     # -- optimizer --------------------------------------------------------------------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -218,6 +264,10 @@ class SAMTrainer(Trainer):
             return self.optimizer  # a second train() call: already built and prepared
         if self.optimizer is None:
             self.sam = self._build_sam(self.model if model is None else model)
+            if self.m_sharpness is not None:
+                reason = _m_sharpness_unsupported(type(self.sam))
+                if reason is not None:
+                    raise TypeError(_variant_message(self.m_sharpness, type(self.sam), reason))
         else:
             self.sam = self.optimizer
         self.optimizer = _SAMStep(self.sam)
@@ -283,6 +333,8 @@ class SAMTrainer(Trainer):
         index = self._window_index
         self._window_index += 1
         first, last = index == 0, index == len(window) - 1
+        if self.m_sharpness is not None:
+            return self._m_sharpness_step(model, inputs, window, first, last)
         if first:
             if sam.is_perturbed:  # the scaler skipped the last step: w + e still installed
                 sam.restore()
@@ -344,6 +396,131 @@ class SAMTrainer(Trainer):
         scaler.unscale_(optimizer)
         scaler.update()
 
+    # -- m-sharpness ------------------------------------------------------------------
+    def _m_sharpness_step(
+        self, model: nn.Module, inputs: Any, window: list[Any], first: bool, last: bool
+    ) -> Tensor:
+        """One micro-batch of an m-sharpness step: for each chunk of ``m`` examples, the
+        Trainer's loss and backward at :math:`w`, ``first_step()`` from that gradient alone,
+        the loss and backward at :math:`w + e_c` added into ``.grad``, ``restore()``.
+        Returns the micro-batch's share of the clean loss."""
+        sam = self.sam
+        assert sam is not None
+        m = self.m_sharpness
+        if first:
+            if sam.is_perturbed:
+                sam.restore()
+            if getattr(self.accelerator, "scaler", None) is not None:
+                raise ValueError(
+                    f"SAMTrainer(m_sharpness={m}) does not support a GradScaler (fp16): its "
+                    "loss scale would have to be shared by the k perturbed passes of a step; "
+                    "use bf16=True (or float32), or drop m_sharpness="
+                )
+            for micro_batch in window:  # before anything of this step is computed
+                self._m_chunks(_batch_size(_as_batch(micro_batch)))
+            model.train()
+            self._m_step = _MStep(model)
+            self._adapter().m_step = None
+        step = self._m_step
+        if step is None:  # pragma: no cover - first is always seen before the others
+            raise RuntimeError("SAMTrainer(m_sharpness=...): a micro-batch outside a step")
+        if last:
+            self._window = None
+        model.train()
+        batch = _as_batch(self._prepare_inputs(inputs))
+        k = self._m_chunks(_batch_size(batch))
+        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
+        accumulation = accumulation or self.args.gradient_accumulation_steps
+        scale = 1.0 / (k * accumulation)  # G = mean over the step's chunks
+        params = [p for g in sam.param_groups for p in g["params"]]
+        sums = {p: p.grad for p in params if p.grad is not None}  # earlier micro-batches' G
+        stats = _RunningStats(model)
+        device = self.args.device
+        same_masks = self.sam_dropout == "same"
+        clean_sum: Tensor | None = None
+        perturbed_sum: Tensor | None = None
+        try:
+            for chunk in _split(batch, m):
+                for p in params:
+                    p.grad = None
+                before = _RNGState(device) if same_masks else None
+                stats.before_clean_pass()
+                loss = self._chunk_loss(model, chunk)
+                self.accelerator.backward(loss)  # g_c, the chunk's own gradient
+                stats.after_clean_pass()
+                sam.first_step()
+                step.after_first_step(sam)
+                for p in params:
+                    p.grad = sums.get(p)
+                after = None
+                if before is not None:  # the chunk's clean dropout masks again
+                    after = _RNGState(device)
+                    before.restore()
+                try:
+                    with disable_running_stats(model):
+                        perturbed = self._chunk_loss(model, chunk)
+                        self.accelerator.backward(perturbed * scale)
+                finally:
+                    if after is not None:
+                        after.restore()
+                sam.restore()
+                for p in params:
+                    if p.grad is not None:
+                        sums[p] = p.grad
+                clean_sum = _add(clean_sum, loss.detach())
+                perturbed_sum = _add(perturbed_sum, perturbed.detach())
+        except BaseException:
+            sam.restore()
+            stats.undo()
+            for p in params:
+                p.grad = sums.get(p)
+            self._m_step = None
+            raise
+        stats.commit()
+        assert clean_sum is not None and perturbed_sum is not None
+        clean, perturbed = clean_sum * scale, perturbed_sum * scale
+        step.add(clean, perturbed)
+        if last:
+            self._record(step.perturbed - step.clean, step.grad_norm)
+            self._adapter().m_step = step
+            self._m_step = None
+        return clean
+
+    def _m_chunks(self, batch_size: int) -> int:
+        m = self.m_sharpness
+        try:
+            return sam_core.m_sharpness_chunks(batch_size, m)
+        except ValueError as exc:
+            raise ValueError(
+                f"SAMTrainer(m_sharpness={m}): {exc}. If it is the last, incomplete batch of "
+                "an epoch (the dataset size is not a multiple of the batch size), set "
+                "dataloader_drop_last=True in TrainingArguments."
+            ) from None
+
+    def _chunk_loss(self, model: nn.Module, chunk: dict[str, Any]) -> Tensor:
+        """The Trainer's ``compute_loss`` under its autocast context, for one chunk: the
+        chunk's own mean loss (``num_items_in_batch=None``)."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, dict(chunk), num_items_in_batch=None)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            what = (
+                f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
+                else type(loss).__name__
+            )
+            raise ValueError(
+                f"SAMTrainer(m_sharpness={self.m_sharpness}): compute_loss must return the "
+                f"chunk's mean loss as a 0-d tensor, got {what}"
+            )
+        return loss
+
+    def _adapter(self) -> _SAMStep:
+        optimizer = self.optimizer
+        while not isinstance(optimizer, _SAMStep) and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        if not isinstance(optimizer, _SAMStep):  # pragma: no cover - create_optimizer sets it
+            raise RuntimeError("SAMTrainer: the optimizer is not SAMTrainer's step adapter")
+        return optimizer
+
     # -- logging ----------------------------------------------------------------------
     def _record(self, sharpness: Tensor, grad_norm: Tensor | None) -> None:
         values = {"sharpness": sharpness.detach().float()}
@@ -375,6 +552,9 @@ class _SAMStep(torch.optim.Optimizer):
 
     def __init__(self, sam: SAM) -> None:  # no Optimizer.__init__: everything is the SAM's
         self.sam = sam
+        #: m-sharpness: the step whose perturbed-point gradients ``.grad`` holds, finished
+        #: (skip check, base step) by ``step()``.
+        self.m_step: _MStep | None = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -415,6 +595,10 @@ class _SAMStep(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         if closure is not None:
             return self.sam.step(closure)
+        if self.m_step is not None:
+            m_step, self.m_step = self.m_step, None
+            m_step.finish(self.sam)
+            return None
         if self.sam.is_perturbed:
             self.sam.second_step()
             return None
@@ -475,3 +659,75 @@ def _is_optimizer_factory(optimizer_cls: Any) -> bool:
     except ImportError:
         return False
     return bool(is_optimizer_factory(optimizer_cls))
+
+
+class _MStep:
+    """The figures of one m-sharpness optimizer step, gathered over its micro-batches and
+    chunks, and its end: the ``skip_nonfinite`` check and the base step, as in
+    :func:`sam_torch.m_sharpness_step`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stats = _RunningStats(model)  # the running statistics before the step
+        self.skip = False  # CPU: a chunk's clean gradient was not finite
+        self.clean_flags: Tensor | None = None  # accelerators: device-side finite flags
+        self.norm_sum: Tensor | None = None
+        self.norms = 0
+        self.clean: Tensor | None = None
+        self.perturbed: Tensor | None = None
+
+    def after_first_step(self, sam: SAM) -> None:
+        self.skip = self.skip or sam._skip_base_step
+        self.clean_flags = _and(self.clean_flags, sam._clean_finite)
+        if sam.grad_norm is not None:
+            self.norm_sum = _add(self.norm_sum, sam.grad_norm)
+            self.norms += 1
+
+    def add(self, clean: Tensor, perturbed: Tensor) -> None:
+        self.clean = _add(self.clean, clean)
+        self.perturbed = _add(self.perturbed, perturbed)
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        return None if self.norm_sum is None else self.norm_sum / self.norms
+
+    def finish(self, sam: SAM) -> None:
+        assert self.clean is not None and self.perturbed is not None
+        skip = self.skip
+        if sam.skip_nonfinite and not skip:
+            with torch.no_grad():
+                if sam._check_perturbed:  # "both": the stepped gradient as well
+                    grads = [p.grad for g in sam.param_groups for p in g["params"]
+                             if p.grad is not None]
+                    flag = _and(self.clean_flags, _finite_flag(grads, fast=True))
+                    skip = flag is not None and not bool(flag)
+                    if skip:  # confirm with the exact check
+                        flag = _and(self.clean_flags, _finite_flag(grads))
+                        skip = flag is not None and not bool(flag)
+                else:  # "clean": and the perturbed loss
+                    flag = _and(self.clean_flags, torch.isfinite(self.perturbed))
+                    skip = flag is not None and not bool(flag)
+        if skip:
+            self.stats.undo()
+        _finish(sam, skip, self.clean, self.perturbed, self.grad_norm)
+
+
+def _as_batch(inputs: Any) -> Any:
+    """A Trainer micro-batch (a dict, or a ``Mapping`` such as ``BatchEncoding``) as a dict."""
+    return dict(inputs.items()) if isinstance(inputs, Mapping) else inputs
+
+
+def _m_sharpness_unsupported(cls: type | None) -> str | None:
+    """Why m-sharpness is not defined for a SAM variant (``m_sharpness_step``'s list)."""
+    for c in getattr(cls, "__mro__", ()):
+        if c.__name__ in _UNSUPPORTED and c.__module__.startswith("sam_torch"):
+            return _UNSUPPORTED[c.__name__]
+    return None
+
+
+def _variant_message(m: int, cls: type | None, reason: str) -> str:
+    name = getattr(cls, "__name__", repr(cls))
+    return (
+        f"SAMTrainer(m_sharpness={m}) does not support {name}: {reason}, so perturbing each "
+        "chunk with its own gradient is not defined for it. Use sam_torch.SAM "
+        "(sam_adaptive=True for ASAM), or m_sharpness=None."
+    )
