@@ -20,7 +20,11 @@ SAM's two passes inside it:
 
 With ``k`` micro-batches this is the accumulation recipe of :class:`sam_torch.SAM`
 (clean pass over all micro-batches, one perturbation, perturbed pass over the same
-micro-batches): one SAM step on the whole accumulated batch, not m-sharpness.
+micro-batches): one SAM step on the whole accumulated batch.
+
+With ``m_sharpness=m`` each micro-batch is instead split into chunks of ``m`` examples, each
+perturbed with its own gradient (the definition of :func:`sam_torch.m_sharpness_step`), and
+the Trainer clips and steps with the mean of the chunks' perturbed-point gradients.
 """
 
 from __future__ import annotations
@@ -116,10 +120,36 @@ class SAMTrainer(Trainer):
     * **Checkpoints**: the Trainer saves and loads the SAM's ``state_dict()`` (base
       optimizer state and SAM's hyperparameters) and its scheduler; resuming with
       ``trainer.train(resume_from_checkpoint=...)`` continues exactly.
+    * **m-sharpness** (``m_sharpness=m``; Foret et al., ICLR 2021, Sec. 4.1): each
+      micro-batch of :math:`B` examples is split into :math:`B/m` consecutive chunks; for
+      each chunk :math:`c`, the Trainer's ``compute_loss`` (under its autocast context,
+      ``num_items_in_batch=None``: the chunk's own mean loss :math:`L_c`) and
+      ``accelerator.backward`` give :math:`g_c = \nabla L_c(w)`, ``first_step()`` moves to
+      :math:`w + e_c` with :math:`e_c` built from :math:`g_c` alone, the perturbed loss is
+      backpropagated into ``.grad`` with weight :math:`1/(kA)` (:math:`k` chunks per
+      micro-batch, :math:`A` micro-batches per step), and ``restore()`` puts :math:`w`
+      back bit for bit. After the step's last micro-batch ``.grad`` holds
+      :math:`G = \frac{1}{kA} \sum_c \nabla L_c(w + e_c)`, the definition of
+      :func:`sam_torch.m_sharpness_step` over the step's :math:`AB` examples (chunks never
+      straddle micro-batches); the Trainer clips it (``max_grad_norm``), logs its norm and
+      calls ``optimizer.step()``, which applies the base step (``skip_nonfinite`` as in
+      ``m_sharpness_step``). ``m = B`` with one micro-batch is batch SAM bit for bit.
+      Dropout: with ``sam_dropout="same"`` each chunk's perturbed pass replays that chunk's
+      clean-pass masks. BatchNorm: each chunk normalizes with its own statistics; the
+      running statistics are updated once per micro-batch, from the mean of the chunks'
+      clean-pass statistics. Logs: ``loss`` the mean of the :math:`L_c(w)`, ``sharpness``
+      the mean of :math:`L_c(w + e_c) - L_c(w)`, ``sam_grad_norm`` the mean of the chunks'
+      norms. Errors: a variant for which ``m_sharpness_step`` is not defined (GSAM, WSAM,
+      SAMON, FriendlySAM, VaSSO, LookSAM, EveryKSAM, MomentumSAM: ``TypeError`` at
+      construction), fp16 / a ``GradScaler``, several processes or GPUs (``ValueError``),
+      ``per_device_train_batch_size`` not a multiple of ``m`` (``ValueError`` at
+      construction) and a micro-batch that is not, such as the last incomplete batch of an
+      epoch (``ValueError`` before the step computes anything, advising
+      ``dataloader_drop_last=True``).
 
-    Not supported: DeepSpeed (it owns the optimizer step; ``ValueError``), optimizers
-    the Trainer builds through a factory or from the model (GaLore, LOMO, Muon, ...), and
-    ``m_sharpness``. FSDP is untested.
+    Not supported: DeepSpeed (it owns the optimizer step; ``ValueError``) and optimizers
+    the Trainer builds through a factory or from the model (GaLore, LOMO, Muon, ...).
+    FSDP is untested.
 
     Args:
         *args, **kwargs: as ``transformers.Trainer``.
@@ -131,6 +161,8 @@ class SAMTrainer(Trainer):
         sam_kwargs: other keyword arguments of ``sam_class`` (``eta``, ``alpha``, ``k``,
             ``skip_nonfinite``, ...).
         sam_dropout: ``"same"`` or ``"fresh"`` dropout masks in the perturbed pass.
+        m_sharpness: examples per chunk of m-sharpness, a divisor of
+            ``per_device_train_batch_size``; ``None`` (default): batch SAM.
 
     The ``sam_*`` arguments other than ``sam_dropout`` only apply when the Trainer builds
     the optimizer; giving them together with a SAM instance in ``optimizers`` raises
