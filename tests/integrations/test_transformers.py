@@ -272,7 +272,11 @@ def test_matches_a_manual_sam_loop_in_float64(tmp_path, accumulation):
 
     assert min(e[1] for e in expected) > clip  # clipping was active at every step
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, reference.state_dict()[name], rtol=1e-12, atol=1e-12)
+        # fc1.bias feeds BatchNorm, so its gradient is zero in exact arithmetic: both sides
+        # step it with AdamW's m / sqrt(v) of rounding noise, which magnifies the kernels'
+        # different rounding (seen: 2e-12 at accumulation 2); 1e-9 is still far below lr
+        tol = 1e-9 if name == "fc1.bias" else 1e-12
+        torch.testing.assert_close(value, reference.state_dict()[name], rtol=tol, atol=tol)
     assert int(model.bn.num_batches_tracked) == steps * accumulation  # clean passes only
     logs = train_logs(trainer)
     got = [(h["loss"], h["grad_norm"], h["sharpness"], h["sam_grad_norm"]) for h in logs]
