@@ -35,7 +35,7 @@ from benchmarks._common import (
 )
 
 TITLE = "5. Accuracy"
-ESTIMATE_S = {"smoke": 15, "quick": 90, "full": 1600}
+ESTIMATE_S = {"smoke": 15, "quick": 75, "full": 1600}
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +53,7 @@ class Budget:
 
 BUDGETS = {
     "smoke": Budget(epochs=1, width=1, depth=10, subset=256, test_subset=128, batch=64),
-    "quick": Budget(epochs=2, width=1, depth=10, subset=2000, test_subset=1000),
+    "quick": Budget(epochs=2, width=1, depth=10, subset=1000, test_subset=500),
     "small": Budget(epochs=2, width=1, depth=16, subset=5000, test_subset=1000),
     "default": Budget(),
     "long": Budget(epochs=30, width=8, depth=16, subset=50000, test_subset=10000),

@@ -319,6 +319,8 @@ def _variants(va: dict[str, Any]) -> list[str]:
                  for n, r in rows.items()]), ""]
         if va.get("jax"):
             md += [f"JAX: not measured: {va['jax']}", ""]
+        if va.get("jax_rows"):
+            md += [f"JAX: {va['jax_rows']} (`--full` times every variant).", ""]
     else:
         md += [f"Not measured: {va.get('skipped', va)}", ""]
     return md

@@ -37,11 +37,11 @@ TITLE = "2. Whole training step"
 #: measured on WRN-16-8 at batch 128, the CIFAR recipe's model and batch.
 SIZES = {
     "smoke": {"depth": 10, "width": 1, "batch": 8, "repeats": 2},
-    "quick": {"depth": 16, "width": 2, "batch": 64, "repeats": 6},
+    "quick": {"depth": 10, "width": 2, "batch": 32, "repeats": 6},
     "full": {"depth": 16, "width": 2, "batch": 64, "repeats": 20},
     "gpu": {"depth": 16, "width": 8, "batch": 128, "repeats": 30},
 }
-ESTIMATE_S = {"smoke": 25, "quick": 75, "full": 160}
+ESTIMATE_S = {"smoke": 25, "quick": 45, "full": 160}
 WARMUP = 2
 
 

@@ -109,12 +109,16 @@ class Runner:
 # JAX
 # ---------------------------------------------------------------------------------------
 def jax_results(
-    args: argparse.Namespace, on_block: Callable[[], Any] | None = None, quiet: bool = False
+    args: argparse.Namespace,
+    on_block: Callable[[], Any] | None = None,
+    quiet: bool = False,
+    names: tuple[str, ...] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Median seconds per jitted step and passes per step of each optax variant.
+    """Median seconds per jitted step and passes per step of each optax variant (of those in
+    ``names`` when given; each compiles twice, which dominates a short run on a CPU).
 
-    ``on_block`` is called after every block of steps: ``len(JAX_VARIANTS) * (2 + repeats)``
-    calls (a counted run and a compiling warm-up per variant, then the timed blocks).
+    ``on_block`` is called after every block of steps: ``(2 + repeats)`` calls per variant
+    (a counted run and a compiling warm-up, then the timed blocks).
     """
     tick = on_block or (lambda: None)
     import jax
@@ -155,7 +159,7 @@ def jax_results(
     looksam_tx = optax.chain(sam_jax.looksam(0.05, k=k), base)
     everyk_tx = optax.chain(sam_jax.every_k_sam(0.05, k=k), base)
     # name: (transformation, clean pass?, static full_step schedule or None)
-    # keep JAX_VARIANTS (the count the progress bar expects) in step with this table
+    # keep JAX_VARIANTS (the row count a progress bar expects) in step with this table
     txs: dict[str, tuple[Any, bool | None, Callable[[int], bool] | None]] = {
         "sgd": (base, False, None),
         "sam": (optax.chain(sam_jax.sam(0.05), base), True, None),
@@ -170,6 +174,8 @@ def jax_results(
         f"everyk(k={k},cond)": (everyk_tx, True, None),
         "msam": (optax.chain(sam_jax.momentum_sam(0.3, momentum=0.9), base), None, None),
     }
+    if names is not None:
+        txs = {name: v for name, v in txs.items() if name in names}
 
     def make_step(tx: Any, mode: bool | None, counter: list[int] | None, full: Any) -> Callable:
         def loss_fn(p: Any) -> Any:
