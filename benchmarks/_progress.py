@@ -29,7 +29,7 @@ class _NoBar:
     def update(self, n: float = 1) -> None:
         pass
 
-    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+    def set_description_str(self, desc: str = "", refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
@@ -73,7 +73,7 @@ class Progress:
             self._outer = self._tqdm(
                 total=round(sum(self._estimates.values())), desc="sections", position=0,
                 file=sys.stderr, dynamic_ncols=True,
-                bar_format="{desc} |{bar}| {postfix} [{elapsed}<{remaining}]")
+                bar_format="{desc} |{bar}| [{elapsed}<{remaining}]")
 
     @property
     def bars(self) -> bool:
@@ -94,7 +94,7 @@ class Progress:
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
         """Run one section under the outer bar; on exit the bar moves by its estimate."""
-        self._outer.set_postfix_str(f"{self._done + 1}/{self._count} {name}")
+        self._outer.set_description_str(f"section {self._done + 1}/{self._count}: {name}")
         t0 = time.perf_counter()
         try:
             yield
