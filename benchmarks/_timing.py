@@ -1,4 +1,4 @@
-"""Timing, memory and machine-description helpers for ``benchmarks/compare.py``.
+"""Timing, memory and machine-description helpers of the main job (``benchmarks/compare.py``).
 
 Timings interleave the implementations (round-robin, one call of each per round, after a
 warmup) so that a background load that comes and goes on a shared machine hits them all
@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "interleaved_times",
     "machine_info",
     "paired_ratio",
+    "peak_rss_bytes",
     "summarize",
 ]
 
@@ -31,6 +33,7 @@ def interleaved_times(
     repeats: int,
     warmup: int = 2,
     sync: Callable[[Any], None] | None = None,
+    on_round: Callable[[], Any] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, calls interleaved round-robin.
 
@@ -40,6 +43,8 @@ def interleaved_times(
         warmup: untimed rounds first (allocations, caches, JIT compilation).
         sync: called with each function's return value before the clock stops
             (``jax.block_until_ready``); ``None`` when the work is synchronous.
+        on_round: called after every round, warmup rounds included (a progress bar's
+            ``update``): ``warmup + repeats`` calls in all.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -47,6 +52,8 @@ def interleaved_times(
             out = fns[name]()
             if sync is not None:
                 sync(out)
+        if on_round is not None:
+            on_round()
     times: dict[str, list[float]] = {name: [] for name in names}
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection landing in one implementation's call is noise
@@ -60,6 +67,8 @@ def interleaved_times(
                 if sync is not None:
                     sync(out)
                 times[name].append(time.perf_counter() - t0)
+            if on_round is not None:
+                on_round()
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -100,6 +109,17 @@ def summarize(samples: list[float]) -> dict[str, float]:
     }
 
 
+def peak_rss_bytes() -> int | None:
+    """The largest resident set size this process has had so far (max RSS), in bytes;
+    ``None`` where the platform does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux: KiB
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -126,12 +146,14 @@ def _version(module: str) -> str | None:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, core and thread counts, Python and library versions (``None``: missing)."""
+    """What the machine is (CPU model, logical CPUs, GPU if any, OS and architecture), the
+    thread count, Python and library versions (``None``: missing); never its host name or a
+    path on it."""
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": threads,
-        "platform": platform.platform(),
+        "platform": f"{platform.system()} {platform.machine()}",
         "python": platform.python_version(),
     }
     for name in ("torch", "jax", "jaxlib", "optax", "flax", "pytorch_optimizer", "numpy", "sam_core"):

@@ -36,6 +36,8 @@ from torch import nn
 import sam_torch
 
 K_DEFAULT = 5
+#: Rows of the JAX table (``jax_results``): SGD, eight variants and the two ``lax.cond`` forms.
+JAX_VARIANTS = 12
 
 
 def make_model(width: int) -> nn.Module:
@@ -106,8 +108,19 @@ class Runner:
 # ---------------------------------------------------------------------------------------
 # JAX
 # ---------------------------------------------------------------------------------------
-def jax_results(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    """Median seconds per jitted step and passes per step of each optax variant."""
+def jax_results(
+    args: argparse.Namespace,
+    on_block: Callable[[], Any] | None = None,
+    quiet: bool = False,
+    names: tuple[str, ...] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Median seconds per jitted step and passes per step of each optax variant (of those in
+    ``names`` when given; each compiles twice, which dominates a short run on a CPU).
+
+    ``on_block`` is called after every block of steps: ``(2 + repeats)`` calls per variant
+    (a counted run and a compiling warm-up, then the timed blocks).
+    """
+    tick = on_block or (lambda: None)
     import jax
     import optax
     from flax import linen as fnn
@@ -136,15 +149,17 @@ def jax_results(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     y = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)
     params = net.init(jax.random.PRNGKey(2), x)["params"]
     n_params = sum(a.size for a in jax.tree.leaves(params))
-    print(
-        f"model: GroupNorm conv net, {n_params} params, batch {args.batch}x32x32x3, "
-        f"jax {jax.__version__}"
-    )
+    if not quiet:
+        print(
+            f"model: GroupNorm conv net, {n_params} params, batch {args.batch}x32x32x3, "
+            f"jax {jax.__version__}"
+        )
     base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
     k = args.k
     looksam_tx = optax.chain(sam_jax.looksam(0.05, k=k), base)
     everyk_tx = optax.chain(sam_jax.every_k_sam(0.05, k=k), base)
     # name: (transformation, clean pass?, static full_step schedule or None)
+    # keep JAX_VARIANTS (the row count a progress bar expects) in step with this table
     txs: dict[str, tuple[Any, bool | None, Callable[[int], bool] | None]] = {
         "sgd": (base, False, None),
         "sam": (optax.chain(sam_jax.sam(0.05), base), True, None),
@@ -159,6 +174,8 @@ def jax_results(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
         f"everyk(k={k},cond)": (everyk_tx, True, None),
         "msam": (optax.chain(sam_jax.momentum_sam(0.3, momentum=0.9), base), None, None),
     }
+    if names is not None:
+        txs = {name: v for name, v in txs.items() if name in names}
 
     def make_step(tx: Any, mode: bool | None, counter: list[int] | None, full: Any) -> Callable:
         def loss_fn(p: Any) -> Any:
@@ -206,12 +223,15 @@ def jax_results(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
         Runner(tx, mode, schedule, counter).block(args.steps)  # counted, untimed
         jax.effects_barrier()
         passes[name] = len(counter) / args.steps
+        tick()
         runners[name] = Runner(tx, mode, schedule, None)
         runners[name].block(args.steps)  # compile and warm up
+        tick()
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.repeats):  # interleaved, so that machine load drifts hit all alike
         for name, r in runners.items():
             times[name].append(r.block(args.steps))
+            tick()
     return {name: (statistics.median(times[name]), passes[name]) for name in runners}
 
 
@@ -233,29 +253,37 @@ def main() -> None:
     report(torch_results(args))
 
 
-def torch_results(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+def torch_results(
+    args: argparse.Namespace, on_block: Callable[[], Any] | None = None, quiet: bool = False
+) -> dict[str, tuple[float, float]]:
     """Median seconds per step and closure calls per step of each torch optimizer.
 
-    ``args`` needs ``width``, ``batch``, ``k``, ``steps``, ``repeats`` and ``threads``.
+    ``args`` needs ``width``, ``batch``, ``k``, ``steps``, ``repeats`` and ``threads``;
+    ``on_block`` is called after every block of steps: ``len(optimizers(k)) * (1 + repeats)``
+    calls (a warm-up block per optimizer, then the timed blocks).
     """
+    tick = on_block or (lambda: None)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model = make_model(args.width)
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"model: BN conv net, {n_params} params, batch {args.batch}x3x32x32, "
-        f"{args.threads} thread(s), torch {torch.__version__}"
-    )
+    if not quiet:
+        print(
+            f"model: BN conv net, {n_params} params, batch {args.batch}x3x32x32, "
+            f"{args.threads} thread(s), torch {torch.__version__}"
+        )
     runners = {name: Runner(model, make, x, y) for name, make in optimizers(args.k).items()}
     for runner in runners.values():  # warm-up: allocations, buffers, momentum
         runner.block(args.steps)
         runner.calls = 0
+        tick()
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.repeats):  # interleaved, so that machine load drifts hit all alike
         for name, runner in runners.items():
             times[name].append(runner.block(args.steps))
+            tick()
     return {
         name: (statistics.median(times[name]), r.calls / (args.steps * args.repeats))
         for name, r in runners.items()

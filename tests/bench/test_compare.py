@@ -1,26 +1,36 @@
-"""benchmarks/compare.py in its quickest mode, and the pieces whose numbers it reports.
+"""The main job (``benchmarks/compare.py``, the ``benchmarks`` package) in its smoke mode,
+its command line, output folders and section registry, and the pieces whose numbers it reports.
 
-The smoke runs start a fresh interpreter (as users run it; the agreement section also
-switches JAX to float64 process-wide) on tiny CIFAR files written in the official layout.
-Timings are only checked for being measured; the deterministic figures (buffer counts,
-cross-backend differences) are checked against what they must be.
+The smoke runs start a fresh interpreter (as users run it) on tiny CIFAR files written in the
+official layout. Timings are only checked for being measured; the deterministic figures
+(buffer counts, cross-backend differences) are checked against what they must be.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from benchmarks import compare
-from benchmarks._timing import interleaved_times, paired_ratio, summarize
+from benchmarks import accuracy, compare, memory, overhead, report
+from benchmarks._common import AA_CONTROL, MODES, sized
+from benchmarks._progress import Progress
+from benchmarks._timing import (
+    interleaved_times,
+    machine_info,
+    paired_ratio,
+    peak_rss_bytes,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,18 +56,31 @@ def run_compare(args: list[str]) -> subprocess.CompletedProcess[str]:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_quick_torch_run_with_cifar_files(tmp_path: Path) -> None:
+def test_smoke_torch_run_with_cifar_files(tmp_path: Path) -> None:
     data = write_fake_cifar10(tmp_path / "data")
     out = tmp_path / "out"
-    proc = run_compare(["--quick", "--backends", "torch", "--data-dir", str(data),
+    proc = run_compare(["--smoke", "--backends", "torch", "--data-dir", str(data),
                         "--out", str(out), "--threads", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     assert results["errors"] == {}
-    for key in ("cpu", "threads", "torch", "jax", "optax", "pytorch_optimizer"):
+    assert results["mode"] == "smoke"
+    for key in ("cpu", "logical_cpus", "threads", "torch", "jax", "optax", "pytorch_optimizer"):
         assert key in results["machine"]
     assert results["machine"]["threads"] == 1
+    # the report and the JSON name the machine by what it is, never a folder of it
+    for text in (report, (out / "results.json").read_text()):
+        assert str(tmp_path) not in text and str(ROOT) not in text
+    assert "--data-dir DIR --out DIR" in results["command"]
+    assert results["accuracy"]["data"] == "the folder given by --data-dir"
+    # peak memory: the process's max RSS, and after each section (never decreasing)
+    peak = results["peak_memory"]
+    after = [peak["after_section"][n] for n in ("overhead", "memory", "step", "variants")]
+    assert after == sorted(after) and 0 < after[-1] <= peak["max_rss_bytes"]
+    assert "Peak memory (max RSS of the process):" in report
+    assert "**Smoke run**" in report and "† few repeats (smoke run)" in report
+    assert str(out) in proc.stdout and "report.md" in proc.stdout
     for png in ("overhead.png", "train_step.png", "accuracy.png", "landscape.png"):
         assert (out / png).stat().st_size > 1000
         assert f"({png})" in report
@@ -74,7 +97,7 @@ def test_quick_torch_run_with_cifar_files(tmp_path: Path) -> None:
             assert r["ratio_to_base"] == pytest.approx(r["median_ms"] / base)
 
     # 3. buffer counts are exact: swap keeps one spare, copy two, the peers free theirs
-    mem = results["memory_torch"]["rows"]
+    mem = results["memory"]["torch"]["rows"]
     assert mem["sam_torch (SAM)"]["extra_buffers"] == pytest.approx(1.0, abs=1e-3)
     assert mem["sam_torch (ASAM)"]["extra_buffers"] == pytest.approx(1.0, abs=1e-3)
     assert mem["sam_torch foreach+copy (before) (SAM)"]["extra_buffers"] == pytest.approx(
@@ -84,12 +107,12 @@ def test_quick_torch_run_with_cifar_files(tmp_path: Path) -> None:
     assert peer["extra_buffers_while_perturbed"] == pytest.approx(1.0, abs=1e-3)
 
     # 2. torch whole step measured; JAX reported as not requested, never faked
-    assert set(results["step_torch"]["rows"]) >= {"torch SGD", "sam_torch"}
-    assert "skipped" in results["step_jax"] and "skipped" in results["agreement"]
+    assert set(results["step"]["torch"]["rows"]) >= {"torch SGD", "sam_torch"}
+    assert "skipped" in results["step"]["jax"] and "skipped" in results["agreement"]
 
     # 6. SAM family: every variant timed; passes per step are exact (k = 5)
     rows = results["variants"]["backends"]["torch"]
-    assert set(results["variants"]["backends"]) == {"torch"}  # --quick: torch only
+    assert set(results["variants"]["backends"]) == {"torch"}  # --smoke: torch only
     expected_passes = {"sgd": 1.0, "sam": 2.0, "gsam": 2.0, "wsam": 2.0, "samon": 2.0,
                        "fsam": 2.0, "vasso": 2.0, "looksam(k=5)": 1.2, "everyk(k=5)": 1.2,
                        "msam": 1.0}
@@ -111,25 +134,27 @@ def test_quick_torch_run_with_cifar_files(tmp_path: Path) -> None:
         assert len(losses) == len(alphas) and all(np.isfinite(losses))
 
 
-def test_quick_jax_sections(tmp_path: Path) -> None:
+def test_smoke_jax_sections(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_compare(["--quick", "--sections", "memory,agreement,step", "--out", str(out)])
+    proc = run_compare(["--smoke", "--sections", "memory,agreement,step", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["errors"] == {}
-    steps = results["step_jax"]["rows"]
+    # the report orders the sections by number, whatever the order they ran in
+    assert results["sections"] == ["step", "memory", "agreement"]
+    steps = results["step"]["jax"]["rows"]
     assert set(steps) == {"optax.sgd", "sam_jax", "optax.contrib.sam opaque",
-                          compare.AA_CONTROL, "optax.contrib.sam alternating"}
-    for name in ("sam_jax", compare.AA_CONTROL):
+                          AA_CONTROL, "optax.contrib.sam alternating"}
+    for name in ("sam_jax", AA_CONTROL):
         pr = steps[name]["paired_ratio_to_optax_opaque"]
         assert pr["n"] == steps[name]["n"] and pr["ci95_low"] <= pr["median"] <= pr["ci95_high"]
     # sam_jax compiles to the work of optax.contrib.sam opaque (same two passes)
-    work = results["step_jax"]["compiled_work"]
+    work = results["step"]["jax"]["compiled_work"]
     assert 0.99 < work["flops_ratio"] < 1.01 and 0.99 < work["bytes_ratio"] < 1.01
     report = (out / "report.md").read_text()
     assert "(paired ratio, within the A/A noise floor)" in report
     assert "A/A control, the opaque step compiled a second time" in report
-    mem = results["memory_jax"]["rows"]
+    mem = results["memory"]["jax"]["rows"]
     assert mem["sam_jax"]["extra_buffers"] == pytest.approx(0.0, abs=1e-3)
     assert mem["optax.contrib.sam opaque"]["extra_buffers"] == pytest.approx(0.0, abs=1e-3)
     assert mem["optax.contrib.sam alternating"]["extra_buffers"] == pytest.approx(1.0, abs=1e-3)
@@ -137,25 +162,28 @@ def test_quick_jax_sections(tmp_path: Path) -> None:
     assert agree["SAM float64"]["max_rel_param_diff"] < 1e-10
     assert agree["SAM float64"]["global_rel_l2_diff"] < 1e-12
     assert agree["ASAM float32"]["global_rel_l2_diff"] < 1e-5
-    assert results["accuracy"] == {"skipped": "not in --sections"}
+    assert "accuracy" not in results
 
 
 def test_no_cifar_says_how_to_point_at_it(tmp_path: Path) -> None:
     missing = tmp_path / "nothing-here"
-    args = compare.build_parser().parse_args(["--data-dir", str(missing)])
-    args.budget = compare.BUDGETS["smoke"]
-    res = compare.section_accuracy(args, None, tmp_path)
-    assert "--data-dir" in res["skipped"] and str(missing) in res["skipped"]
+    res = accuracy.run(compare.section_config(data_dir=str(missing)), Progress(enabled=False))
+    assert "--data-dir FOLDER" in res["skipped"]
+    assert "the folder given by --data-dir" in res["skipped"]
+    assert str(missing) not in res["skipped"]  # the report names no folder of the machine
 
 
 def test_budget_presets_and_pairs() -> None:
-    assert compare.parse_budget("smoke") == compare.BUDGETS["smoke"]
-    b = compare.parse_budget("epochs=3,width=1,subset=500")
+    assert accuracy.parse_budget("smoke") == accuracy.BUDGETS["smoke"]
+    b = accuracy.parse_budget("epochs=3,width=1,subset=500")
     assert (b.epochs, b.width, b.subset) == (3, 1, 500)
-    assert b.depth == compare.BUDGETS["default"].depth
+    assert b.depth == accuracy.BUDGETS["default"].depth
     for bad in ("fast", "epochs=0", "epochs=two", "colour=3"):
         with pytest.raises(Exception, match="--budget"):
-            compare.parse_budget(bad)
+            accuracy.parse_budget(bad)
+    # each run mode's budget when --budget is not given: the full run keeps the default
+    assert {m: accuracy.MODE_BUDGET[m] for m in MODES} == {
+        "smoke": "smoke", "quick": "quick", "full": "default"}
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -171,7 +199,7 @@ def test_loop_baseline_is_the_popular_wrappers_algorithm(adaptive: bool) -> None
     t = [np.abs(x) if adaptive else np.ones_like(x) for x in w]
     norm = np.sqrt(sum(np.sum((ti * gi) ** 2) for ti, gi in zip(t, g, strict=True)))
     expected = [x + 0.3 * ti**2 * gi / (norm + 1e-12) for x, ti, gi in zip(w, t, g, strict=True)]
-    opt = compare.LoopSAM(params, torch.optim.SGD, rho=0.3, adaptive=adaptive, lr=0.1)
+    opt = overhead.LoopSAM(params, torch.optim.SGD, rho=0.3, adaptive=adaptive, lr=0.1)
     opt.first_step()
     for p, e in zip(params, expected, strict=True):
         np.testing.assert_allclose(p.detach().numpy(), e, rtol=1e-12)
@@ -185,9 +213,9 @@ def test_held_bytes_counts_distinct_state_storages() -> None:
     for p in params:
         p.grad = torch.ones_like(p)
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    assert compare._held_bytes(opt, compare._param_ptrs(params)) == 0
+    assert memory._held_bytes(opt, memory._param_ptrs(params)) == 0
     opt.step()
-    assert compare._held_bytes(opt, compare._param_ptrs(params)) == 22 * 4  # momentum
+    assert memory._held_bytes(opt, memory._param_ptrs(params)) == 22 * 4  # momentum
 
 
 def test_filter_normalized_landscape_restores_weights() -> None:
@@ -200,7 +228,7 @@ def test_filter_normalized_landscape_restores_weights() -> None:
     rng = np.random.default_rng(0)
     split = data.Split(rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
                        rng.integers(0, 10, 20))
-    losses = compare.loss_landscape(model, split, data, np.array([-1.0, 0.0, 1.0]))
+    losses = accuracy.loss_landscape(model, split, data, np.array([-1.0, 0.0, 1.0]))
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
     x = torch.from_numpy(data.to_nchw(data.normalize(split.images)))
@@ -218,8 +246,12 @@ def test_interleaved_times_calls_each_function_warmup_plus_repeats() -> None:
             calls[name] += 1
         return f
 
-    times = interleaved_times({"a": make("a"), "b": make("b")}, repeats=5, warmup=2)
+    rounds = []
+    times = interleaved_times({"a": make("a"), "b": make("b")}, repeats=5, warmup=2,
+                              on_round=lambda: rounds.append(dict(calls)))
     assert calls == {"a": 7, "b": 7}
+    # the progress callback runs once per round, warmup included, after both calls
+    assert rounds == [{"a": i, "b": i} for i in range(1, 8)]
     assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5}
     s = summarize([0.001, 0.003, 0.002])
     assert s["median_ms"] == pytest.approx(2.0) and s["min_ms"] == pytest.approx(1.0)
@@ -259,19 +291,19 @@ def test_asam_perturbation_before_and_after_match_the_formula(monkeypatch: pytes
     gs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     t = [np.abs(w.numpy()) + 0.01 for w in ws]
     norm = np.sqrt(sum(np.sum((ti * g.numpy()) ** 2) for ti, g in zip(t, gs, strict=True)))
-    for fn in (compare.asam_perturb_per_tensor, compare.asam_perturb_blocked,
-               compare.asam_perturb_floor):
+    for fn in (overhead.asam_perturb_per_tensor, overhead.asam_perturb_blocked,
+               overhead.asam_perturb_floor):
         got = fn(ws, gs, [torch.empty_like(w) for w in ws], 0.5, 0.01, 1e-12)
         for w, g, ti, o in zip(ws, gs, t, got, strict=True):
             expected = w.numpy() + 0.5 * ti**2 * g.numpy() / (norm + 1e-12)
             np.testing.assert_allclose(o.numpy(), expected, rtol=1e-13)
 
 
-def test_quick_accuracy_run_with_sam_family_variants(tmp_path: Path) -> None:
+def test_smoke_accuracy_run_with_sam_family_variants(tmp_path: Path) -> None:
     """Section 5 trains the variants named in --optimizers (torch) next to SGD/SAM/ASAM."""
     data = write_fake_cifar10(tmp_path / "data")
     out = tmp_path / "out"
-    proc = run_compare(["--quick", "--backends", "torch", "--sections", "accuracy",
+    proc = run_compare(["--smoke", "--backends", "torch", "--sections", "accuracy",
                         "--optimizers", "looksam,msam", "--data-dir", str(data),
                         "--out", str(out), "--threads", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -295,3 +327,203 @@ def test_quick_accuracy_run_with_sam_family_variants(tmp_path: Path) -> None:
 def test_unknown_optimizer_is_refused_with_the_choices() -> None:
     with pytest.raises(SystemExit):
         compare.build_parser().parse_args(["--optimizers", "adamw"])
+
+
+# --------------------------------------------------------------------------------------
+# output folders, registry, run modes, report
+# --------------------------------------------------------------------------------------
+def _tracked_results() -> dict[str, bytes]:
+    folder = ROOT / "benchmarks" / "results"
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_without_out_writes_a_new_folder_under_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(compare, "_ROOT", tmp_path)  # runs/ of a stand-in clone
+    before = _tracked_results()
+    args = ["--smoke", "--sections", "memory", "--backends", "torch", "--no-progress"]
+    first = compare.main(args)
+    second = compare.main(args)
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("compare-") for f in folders)
+    for folder in folders:
+        assert {"report.md", "results.json"} <= {p.name for p in folder.iterdir()}
+    assert first["out"] == f"runs/{folders[0].name}" and second["out"] == f"runs/{folders[1].name}"
+    printed = capsys.readouterr().out
+    assert printed.count("report: ") == 2 and folders[1].name in printed
+    assert _tracked_results() == before  # the committed results are left alone
+
+
+def test_run_folders_never_collide(tmp_path: Path) -> None:
+    now = 1_700_000_000.0
+    a = compare.new_run_folder(tmp_path, now)
+    b = compare.new_run_folder(tmp_path, now)
+    c = compare.new_run_folder(tmp_path, now)
+    assert a.name.startswith("compare-") and len(a.name) == len("compare-YYYYmmdd-HHMMSS")
+    assert (b.name, c.name) == (a.name + "-2", a.name + "-3")
+    assert all(f.is_dir() and not any(f.iterdir()) for f in (a, b, c))
+
+
+def test_out_is_honoured_and_python_m_benchmarks_runs(tmp_path: Path) -> None:
+    out = tmp_path / "given"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--sections", "memory",
+                           "--backends", "torch", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["out"] == "DIR" and results["sections"] == ["memory"]
+    assert results["memory"]["torch"]["rows"]["sam_torch (SAM)"]["extra_buffers"] == (
+        pytest.approx(1.0, abs=1e-3))
+
+
+def test_paths_are_shown_relative_to_the_clone_or_not_at_all(tmp_path: Path) -> None:
+    assert compare.shown_path(ROOT / "benchmarks" / "results") == "benchmarks/results"
+    assert compare.shown_path(tmp_path / "x") == "DIR"
+    cmd = compare.shown_command(["--data-dir", str(tmp_path), "--out=" + str(ROOT / "runs" / "a"),
+                                 "--full", "--sections", "overhead"])
+    assert cmd == ("python benchmarks/compare.py --data-dir DIR --out=runs/a --full "
+                   "--sections overhead")
+
+
+def test_the_registry_loads_every_section_with_one_signature() -> None:
+    assert {"overhead", "memory", "step", "agreement", "accuracy", "variants",
+            "msharpness"} <= set(compare.SECTION_NAMES)
+    assert compare.SECTION_NAMES[-1] == "agreement"  # it switches JAX to float64 a while
+    for section in compare.SECTIONS:
+        module, note = compare.load_section(section)
+        if module is None:  # only an optional section may be absent, and it says so
+            assert section.optional and note == f"{section.module.replace('.', '/')}.py is " \
+                                                 "not in this checkout"
+            continue
+        params = list(inspect.signature(module.run).parameters)
+        assert params == ["config", "progress"], section.name
+        assert set(module.ESTIMATE_S) >= set(MODES), section.name
+    absent = compare.Section("nothere", "benchmarks.nothere", optional=True)
+    assert compare.load_section(absent) == (None, "benchmarks/nothere.py is not in this checkout")
+    with pytest.raises(ImportError):
+        compare.load_section(compare.Section("nothere", "benchmarks.nothere"))
+
+
+def test_a_registered_section_runs_reports_and_adds_targets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a section is one registry entry; its module's ``report``/``targets`` hooks are
+    used when present, its JSON otherwise; an absent optional one is a note, not an error."""
+    seen = {}
+
+    def run(config, progress):
+        seen["config"] = dict(config)
+        for _ in progress(range(3), desc="x"):
+            pass
+        return {"ratio": 1.5}
+
+    fake = types.ModuleType("benchmarks.fakesection")
+    fake.TITLE = "7. A new section"
+    fake.ESTIMATE_S = {"smoke": 1, "quick": 1, "full": 1}
+    fake.run = run
+    fake.report = lambda r: [f"ratio {r['ratio']:.2f}", ""]
+    fake.targets = lambda r: [("fake ratio <= 2", f"{r['ratio']:.2f}", r["ratio"] <= 2)]
+    monkeypatch.setitem(sys.modules, "benchmarks.fakesection", fake)
+    monkeypatch.setattr(compare, "SECTIONS", (
+        compare.Section("fakesection", "benchmarks.fakesection"),
+        compare.Section("nothere", "benchmarks.nothere", optional=True),
+    ))
+    monkeypatch.setattr(compare, "SECTION_NAMES", ("fakesection", "nothere"))
+    out = tmp_path / "out"
+    results = compare.main(["--smoke", "--out", str(out), "--no-progress",
+                            "--backends", "torch"])
+    assert results["fakesection"] == {"ratio": 1.5} and results["errors"] == {}
+    assert seen["config"]["mode"] == "smoke" and seen["config"]["out"] == out
+    assert results["nothere"] == {"skipped": "benchmarks/nothere.py is not in this checkout"}
+    text = (out / "report.md").read_text()
+    assert "## 7. A new section\n\nratio 1.50" in text
+    assert "| fake ratio <= 2 | 1.50 † | yes |" in text
+    assert "## nothere\n\nNot measured: benchmarks/nothere.py is not in this checkout" in text
+
+
+def test_quick_is_the_default_and_sizes_grow_from_smoke_to_full() -> None:
+    parser = compare.build_parser()
+    assert parser.parse_args([]).mode == "quick"
+    assert parser.parse_args(["--full"]).mode == "full"
+    assert parser.parse_args(["--smoke"]).mode == "smoke"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--full", "--smoke"])
+    from benchmarks import agreement, step, variants
+
+    for module in (overhead, step, variants, agreement):
+        smoke, quick, full = (sized({"mode": m}, module.SIZES) for m in MODES)
+        for key in ("repeats", "steps"):
+            if key in full:
+                assert smoke[key] <= quick[key] < full[key], (module.__name__, key)
+    # the quick run times section 1 on the full run's WRN-16-8 set: its targets are defined there
+    q, f = (sized({"mode": m}, overhead.SIZES) for m in ("quick", "full"))
+    assert (q["depth"], q["width"]) == (f["depth"], f["width"]) == (16, 8)
+    # a GPU gets its own full sizes; --repeats overrides every mode
+    assert sized({"mode": "full", "device": "cuda"}, step.SIZES) == step.SIZES["gpu"]
+    assert sized({"mode": "quick", "device": "cuda"}, step.SIZES) == step.SIZES["quick"]
+    assert overhead.sizes({"mode": "quick", "repeats": 7})["repeats"] == 7
+    assert step.sizes({"mode": "quick", "repeats": 4})["repeats"] == 3
+    with pytest.raises(ValueError, match="config\\['mode'\\] must be one of"):
+        sized({"mode": "fast"}, step.SIZES)
+
+
+def _synthetic_results(mode: str) -> dict:
+    return {
+        "generated": "2026-01-01 00:00:00 UTC", "command": "python benchmarks/compare.py",
+        "mode": mode, "seconds": 12.0,
+        "machine": machine_info(2), "device": "cpu", "errors": {},
+        "sections": ["overhead", "memory"],
+        "section_titles": {"overhead": overhead.TITLE, "memory": memory.TITLE},
+        "peak_memory": {"max_rss_bytes": 3 * 2**30, "after_section": {"overhead": 2**30}},
+        "overhead": {"model": "WRN-16-8", "tensors": 2, "parameters": 10, "repeats": 10,
+                     "pytorch_optimizer": "present", "modes": {"SAM": {
+                         name: {"median_ms": ms, "q1_ms": ms, "q3_ms": ms, "min_ms": ms,
+                                "n": 10, "ratio_to_base": ms / 2.0, "ratio_of_minimums": 1.0}
+                         for name, ms in (("base SGD step", 2.0), ("sam_torch", 4.0))}}},
+        "memory": {"torch": {"parameter_bytes": 40, "rows": {
+            "sam_torch (SAM)": {"held_bytes": 40, "held_while_perturbed_bytes": 40,
+                                "extra_buffers": 1.0, "extra_buffers_while_perturbed": 1.0}}},
+                   "jax": {"skipped": "--backends torch"}},
+    }
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_both_runs_report_the_targets_and_the_quick_one_marks_its_few_repeats(
+        tmp_path: Path, mode: str) -> None:
+    results = _synthetic_results(mode)
+    text = report.write_report(results, tmp_path, [])
+    assert (tmp_path / "report.md").read_text() == text
+    assert "| sam_torch SAM first+second <= 2.2x base step | 2.00x" in text
+    assert "Peak memory (max RSS of the process): 3,072 MiB; after each section: overhead " \
+           "1,024 MiB." in text
+    if mode == "quick":
+        assert "**This is the quick run**" in text and "`python benchmarks/compare.py --full`" in text
+        assert "| 2.00x † | yes |" in text
+        assert "| sam_torch (SAM) extra memory <= 1 parameter-sized buffer | 1.00 | yes |" in text
+    else:
+        assert "quick run" not in text and "†" not in text
+    assert text.index("## 1. Optimizer overhead") < text.index("## 3. Memory")
+    assert "JAX: not measured: --backends torch" in text
+
+
+def test_progress_without_bars_passes_iterables_through(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = Progress([("a", 5.0), ("b", 1.0)], enabled=False)
+    assert not progress.bars
+    with progress.section("a"):
+        assert list(progress(range(4), desc="repeats")) == [0, 1, 2, 3]
+        bar = progress.tick(3, "rounds")
+        bar.update()
+        bar.close()
+    progress.close()
+    assert capsys.readouterr().out.startswith("[compare] a: 0 s (1/2)")
+
+
+def test_peak_memory_and_machine_description() -> None:
+    peak = peak_rss_bytes()
+    if sys.platform != "win32":
+        big = np.ones(64 * 2**20 // 8)  # 64 MiB touched: the peak is at least that
+        assert peak_rss_bytes() >= max(peak, big.nbytes)
+    info = machine_info(3)
+    assert info["threads"] == 3 and info["logical_cpus"] == os.cpu_count()
+    assert info["cpu"] and "/" not in info["platform"]

@@ -1,0 +1,5 @@
+"""``python -m benchmarks``: the main job, with the flags of ``benchmarks/compare.py``."""
+
+from benchmarks.compare import main
+
+main()
