@@ -231,6 +231,8 @@ def train(
     train_split = data.train
     m = getattr(config, "m_sharpness", None)
     check_chunks(config, len(train_split))
+    if m is not None:
+        raise NotImplementedError("m_sharpness is not wired into train_jax yet")
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     augment = data.name != "digits" and not getattr(config, "no_augment", False)
     noisy = bool(data.flipped.any())
