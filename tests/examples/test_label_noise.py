@@ -186,7 +186,7 @@ def test_make_config_defaults_and_overrides():
     assert isinstance(config, argparse.Namespace)
     assert config.out is None and config.rho == 0.5 and config.epochs == 3
     assert config.lr == 0.1 and config.label_noise == 0.0
-    with pytest.raises(TypeError, match="unknown arguments.*'epoch'"):
+    with pytest.raises(TypeError, match=r"unknown arguments.*'epoch'"):
         cli.make_config(epoch=3)
     with pytest.raises(SystemExit, match="--epochs must be >= 1"):
         cli.make_config(epochs=0)
