@@ -95,10 +95,10 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
             "depth": 16,
             "width": 1,
             "no_augment": True,
-            "limit_train": 2048,
-            "limit_test": 2000,
+            "limit_train": 1024,
+            "limit_test": 1000,
             "epochs": 30,
-            "batch_size": 128,
+            "batch_size": 64,
             "lr": 0.05,
             "schedule": "cosine",
             "momentum": 0.9,
@@ -107,7 +107,7 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
             "label_noise": 0.4,
         },
         "rho": {"sam": 0.1, "sam/m": 0.05, "asam": 0.5},
-        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.02, 0.05, 0.1)},
+        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.02, 0.05, 0.1), "asam": (0.5, 1.0)},
     },
 }
 
@@ -279,15 +279,20 @@ def plan_runs(
     noise_levels: Iterable[float] | None = None,
 ) -> list[RunSpec]:
     """The runs of a grid (each optimizer at its dataset's rho) or of a rho sweep (the
-    sweep's optimizers at each of their rhos), seeds inner, so that an interrupted study
-    has whole seeds of the first optimizers."""
+    sweep's optimizer forms that are in ``optimizers``, at each of their rhos), seeds
+    inner, so that an interrupted study has whole seeds of the first optimizers."""
     base = {**settings["config"], **(overrides or {})}
     levels = list(noise_levels or settings.get("noise_levels") or (base["label_noise"],))
     runs = []
     for noise in levels:
         config = {**base, "label_noise": float(noise)}
-        if sweep:
-            forms = [(parse_optimizer(k), tuple(v)) for k, v in settings["sweep"].items()]
+        if sweep:  # the sweep's forms that are among ``optimizers``
+            wanted = {o.label for o in optimizers}
+            forms = [
+                (parse_optimizer(k), tuple(v))
+                for k, v in settings["sweep"].items()
+                if k in wanted
+            ]
         else:
             forms = [(o, (settings["rho"].get(o.rho_key, 0.05),)) for o in optimizers]
         for backend in backends:
@@ -678,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-noise", default=None, help="comma-separated fractions (default: "
                    "the dataset's 0.4, or the preset's levels)")
     p.add_argument("--sweep-rho", action="store_true",
-                   help="run the dataset's rho sweep for SAM and m-SAM instead of the grid")
+                   help="run the dataset's rho sweep (its forms among --optimizers) instead of "
+                   "the grid")
     p.add_argument("--rho", default=None, help="rho overrides, e.g. sam=0.1,sam/m=0.05")
     p.add_argument("--set", default=None, metavar="KEY=VALUE,...",
                    help="override training settings (e.g. epochs=20,limit_train=1024)")
