@@ -19,6 +19,7 @@ from sam_core._validation import (
     check_positive,
     check_positive_int,
     check_unit_interval,
+    m_sharpness_chunks,
     validate_sam,
 )
 from sam_core._variants import (
@@ -66,6 +67,7 @@ __all__ = [
     "looksam_direction",
     "looksam_gradient",
     "looksam_scale",
+    "m_sharpness_chunks",
     "momentum_sam_scale",
     "orthogonal_component",
     "perturbation",

@@ -18,6 +18,7 @@ __all__ = [
     "check_positive",
     "check_positive_int",
     "check_unit_interval",
+    "m_sharpness_chunks",
     "validate_sam",
 ]
 
@@ -94,3 +95,33 @@ def validate_sam(*, rho: Any, eps: Any, eta: Any, adaptive: Any) -> None:
     check_positive("eps", eps)
     check_nonnegative("eta", eta)
     check_bool("adaptive", adaptive)
+
+
+def m_sharpness_chunks(batch_size: Any, m: Any) -> int:
+    r"""The number of chunks :math:`k = B / m` of an m-sharpness step, or a clear error.
+
+    m-sharpness (Foret et al., ICLR 2021, Sec. 4.1) splits a batch of :math:`B` examples into
+    :math:`k = B / m` consecutive chunks of :math:`m` and perturbs each with its own gradient.
+    Both backends call this at the boundary, so a bad ``m`` raises the same message.
+
+    Raises:
+        TypeError: ``m`` (or ``batch_size``) is not an int.
+        ValueError: ``m < 1``, or :math:`B` is not a multiple of :math:`m` (the message names
+            :math:`B`, :math:`m` and the divisors of :math:`B`, the valid values of ``m``).
+    """
+    check_positive_int("m", m)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(
+            f"the batch size must be an int, got {type(batch_size).__name__} {batch_size!r}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"m-sharpness needs a non-empty batch, got a batch of {batch_size} examples")
+    if batch_size % m:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ValueError(
+            f"m-sharpness splits the batch into chunks of m examples, but the batch size "
+            f"B={batch_size} is not a multiple of m={m}; use an m that divides B (the divisors "
+            f"of {batch_size} are {divisors}), or a batch size that is a multiple of m "
+            "(e.g. drop the last incomplete batch)"
+        )
+    return int(batch_size) // int(m)

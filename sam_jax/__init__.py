@@ -5,6 +5,7 @@
 """
 
 from sam_core import __version__
+from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps
 from sam_jax._sam import SAMState, sam
 from sam_jax._variants import (
@@ -40,10 +41,12 @@ __all__ = [
     "VaSSOState",
     "WSAMState",
     "__version__",
+    "chunk_batch",
     "every_k_sam",
     "friendly_sam",
     "gsam",
     "looksam",
+    "m_sharpness_update",
     "momentum_sam",
     "normalization_mask",
     "proportional_rho_schedule",

@@ -8,6 +8,7 @@ from sam_core import __version__
 from sam_torch._amp import ScaledSAM
 from sam_torch._bn import disable_running_stats
 from sam_torch._distributed import clean_pass
+from sam_torch._msharpness import m_sharpness_step
 from sam_torch._ops import TorchOps
 from sam_torch._sam import SAM
 from sam_torch._variants import (
@@ -39,5 +40,6 @@ __all__ = [
     "__version__",
     "clean_pass",
     "disable_running_stats",
+    "m_sharpness_step",
     "normalization_parameters",
 ]
