@@ -14,7 +14,10 @@ PyTorch one (:func:`examples.cnn_flax.init_variables`). The optimizer is an opta
 ``sam_jax.sam -> add_decayed_weights -> sgd`` for SAM/ASAM; its ``update`` gets a ``grad_fn``
 that evaluates the loss and gradient at the perturbed parameters with
 ``mutable=["batch_stats"]`` and **discards** the statistics it computes, so the BatchNorm
-running averages come from the clean pass only.
+running averages come from the clean pass only. With ``--m-sharpness M`` the step is
+:func:`sam_jax.m_sharpness_update` with the same chain (each chunk of M examples perturbed
+with its own gradient; the running statistics are the mean over the chunks of what each
+chunk's clean pass gives).
 
 :func:`train` is the training loop as a function (``train(config) -> history``), called by
 :func:`main`, the benchmarks and the label-noise study; with ``config.out`` set, each epoch
@@ -44,6 +47,7 @@ import optax
 from flax import serialization
 from tqdm import tqdm
 
+import sam_jax
 from examples.cli import check_chunks, lr_at, parse_args, print_epoch, write_metrics
 from examples.data import Split, TrainingData, batches, epoch_rng, fit_metrics, load_training_data
 from examples.optimizers import OPTAX_OPTIMIZERS, make_optax
@@ -89,10 +93,28 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
+    m = args.m_sharpness
+
     @functools.partial(jax.jit, static_argnames="full_step")
     def train_step(
         state: TrainState, x: jax.Array, y: jax.Array, full_step: bool | None = None
     ) -> tuple[TrainState, Any]:
+        if m is not None:
+            # m-sharpness: each chunk of m examples perturbed with its own gradient, every
+            # chunk normalized with its own batch statistics; the running statistics are
+            # the mean over the chunks of what each chunk's clean pass gives.
+            def chunk_loss(params: Any, chunk: tuple[jax.Array, jax.Array]) -> Any:
+                return loss_fn(params, state.batch_stats, *chunk)
+
+            updates, opt_state, loss, (logits, stats) = sam_jax.m_sharpness_update(
+                tx, chunk_loss, state.params, state.opt_state, (x, y), m=m, has_aux=True
+            )
+            new_stats = jax.tree.map(lambda s: jnp.mean(s, 0), stats)
+            logits = jnp.reshape(logits, (-1, logits.shape[-1]))
+            params = optax.apply_updates(state.params, updates)
+            correct = jnp.sum(jnp.argmax(logits, -1) == y)
+            sharpness = opt_state[0].sharpness
+            return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
         (loss, (logits, new_stats)), grads = value_and_grad(state.params, state.batch_stats, x, y)
         if needs_grad_fn:
 
@@ -187,6 +209,7 @@ class _Args:
 
 _STEP_KEYS = (
     "dataset",
+    "m_sharpness",
     "depth",
     "width",
     "num_classes",
@@ -223,16 +246,13 @@ def train(
     """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says.
 
     Returns the history, one dict per epoch with the keys of
-    :func:`examples.train_torch.train` (``train_acc`` is ``None`` with m-sharpness there
-    and here). ``progress(metrics)`` is called after each epoch. Files are written only
+    :func:`examples.train_torch.train` (with m-sharpness, ``train_acc`` comes from the
+    chunks' clean logits, which :func:`sam_jax.m_sharpness_update` returns). ``progress(metrics)`` is called after each epoch. Files are written only
     when ``config.out`` is set.
     """
     data = load_training_data(config)
     train_split = data.train
-    m = getattr(config, "m_sharpness", None)
     check_chunks(config, len(train_split))
-    if m is not None:
-        raise NotImplementedError("m_sharpness is not wired into train_jax yet")
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     augment = data.name != "digits" and not getattr(config, "no_augment", False)
     noisy = bool(data.flipped.any())
@@ -306,7 +326,7 @@ def train(
             "epoch": epoch + 1,
             "lr": lr,
             "train_loss": loss_sum / seen,
-            "train_acc": None if m is not None else correct / seen,
+            "train_acc": correct / seen,
             "sharpness": sharp_sum / sharp_seen if two_pass and sharp_seen else None,
             "test_loss": test_loss,
             "test_acc": test_acc,
