@@ -65,16 +65,24 @@ def test_plan_grid_and_sweep():
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():
-    runs = [_run(seed=s, final_test_acc=v) for s, v in enumerate((0.80, 0.84, 0.86))]
+    chosen = study.DATASET_SETTINGS["digits"]["rho"]["sam"]
+    # Runs at the dataset's chosen rho form the grid, whichever invocation made them.
+    runs = [_run(seed=s, final_test_acc=v, rho=chosen, kind="sweep" if s == 2 else "grid")
+            for s, v in enumerate((0.80, 0.84, 0.86))]
     runs += [_run(optimizer="sgd", rho=0.0, seed=s, final_test_acc=v)
              for s, v in enumerate((0.74, 0.75, 0.76))]
-    runs.append(_run(seed=0, rho=0.1, kind="sweep", final_test_acc=0.5))
+    runs.append(_run(seed=0, rho=chosen / 2, kind="grid", final_test_acc=0.5))
+    assert not study.in_grid(runs[-1]) and study.in_grid(runs[2])
+    # Other settings than the dataset's (a preset, --set): the planned kind decides.
+    assert study.in_grid(_run(epochs=2, rho=0.01)) and not study.in_grid(
+        _run(epochs=2, kind="sweep"))
     rows = study.summarize(runs)
-    assert [r["label"] for r in rows] == ["SGD", "SAM"]  # sweep runs are not in the grid
+    assert [r["label"] for r in rows] == ["SGD", "SAM"]  # the other rho is not in the grid
+    assert len(study.summarize(runs, "all")) == 3
     mean, std = rows[1]["final_test_acc"]
     assert mean == pytest.approx(statistics.fmean([0.80, 0.84, 0.86]))
     assert std == pytest.approx(statistics.stdev([0.80, 0.84, 0.86]))
-    lines = study.check_targets(rows)
+    lines = study.check_targets(rows)  # SAM 83.3 vs SGD 75.0
     assert lines == ["- digits, 40 % noise, torch (3 seeds): SAM 83.3 >= SGD 75.0 + 5: PASS"]
 
 
@@ -90,14 +98,15 @@ def test_tiny_study_writes_results_report_and_merges(tmp_path):
     for key in ("dataset", "backend", "optimizer", "m_sharpness", "seed", "label_noise", "rho",
                 "final_test_acc", "best_test_acc", "noisy_fit", "clean_fit", "history"):
         assert key in run
-    assert run["rho"] == 0.05 and run["label_noise"] == 0.4 and len(run["history"]) == 1
+    rho = study.DATASET_SETTINGS["digits"]["rho"]["sam"]
+    assert run["rho"] == rho and run["label_noise"] == 0.4 and len(run["history"]) == 1
     assert 0 <= run["final_test_acc"] <= 1 and run["final_test_acc"] == run["history"][0][
         "test_acc"]
     inv = saved["invocations"][0]
     assert inv["command"].startswith("python -m benchmarks.label_noise --dataset digits")
     assert str(tmp_path) not in inv["command"] and inv["hardware"]["logical_cpus"] >= 1
     report = (out / "report.md").read_text()
-    assert "| torch | SAM | 0.05 | 1 |" in report and (out / "curves-digits.png").is_file()
+    assert f"| torch | SAM | {rho:g} | 1 |" in report and (out / "curves-digits.png").is_file()
     assert "## Targets" in report and str(tmp_path) not in report
     # A second invocation skips what is there; --replace reruns it.
     study.main(argv, log=logs.append)
