@@ -23,10 +23,11 @@ Output (``--out``, default ``benchmarks/results/label-noise``): ``results.json``
 with its history and the settings; accuracies as fractions), ``report.md`` (mean ± std over
 seeds per dataset, backend and optimizer, the target checks, the rho sweep, the commands and
 the hardware) and ``curves-<dataset>.png`` (test accuracy and ``noisy_fit`` per epoch, mean
-over seeds). Invocations merge into the same ``results.json``: a run whose key (dataset,
-backend, optimizer, m, rho, seed, noise, epochs, training-set size) is already there is
-**skipped**, unless ``--replace`` is given, in which case it is run again and replaces the
-old record. ``--report-only`` rewrites the report and plots from ``results.json``.
+over seeds). Invocations merge into the same ``results.json`` (also when they run at the
+same time: each finished run is merged into the file under a lock): a run whose key
+(dataset, backend, optimizer, m, rho, seed, noise, epochs, training-set size) is already
+there when the invocation starts is **skipped**, unless ``--replace`` is given, in which
+case it is run again and replaces the old record. ``--report-only`` rewrites the report and plots from ``results.json``.
 
 References: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021 (Table 4: label noise; Fig. 3: m-sharpness); Baek, Kolter &
@@ -385,6 +386,32 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(path)
+
+
+def update_results(
+    path: Path, runs: list[dict[str, Any]], invocation: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge ``runs`` and this invocation's record into ``results.json`` on disk, under an
+    exclusive lock, so that invocations running at the same time (e.g. one per backend)
+    all keep their runs. Returns the merged results."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The lock file lives in the temporary folder, not beside the results.
+    tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"label-noise-{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            results = load_results(path)
+            results["runs"] = merge_runs(results["runs"], runs)
+            others = [i for i in results.get("invocations", []) if i.get("id") != invocation["id"]]
+            results["invocations"] = [*others, dict(invocation)]
+            save_results(path, results)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return results
 
 
 def hardware() -> dict[str, Any]:
@@ -780,6 +807,7 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {path.name}, "
         f"{len(todo)} to run, {args.jobs} at a time")
     invocation = {
+        "id": f"{time.time():.6f}-{os.getpid()}",
         "command": _command(argv if argv is not None else sys.argv[1:]),
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": hardware(),
@@ -787,14 +815,13 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         "runs_done": 0,
         "wall_min": 0.0,
     }
-    results.setdefault("invocations", []).append(invocation)
     started = time.perf_counter()
 
     def record(run: dict[str, Any]) -> None:
-        results["runs"] = merge_runs(results["runs"], [run])
+        nonlocal results
         invocation["runs_done"] += 1
         invocation["wall_min"] = round((time.perf_counter() - started) / 60, 2)
-        save_results(path, results)
+        results = update_results(path, [run], invocation)
         log(f"[{invocation['runs_done']}/{len(todo)}] {run['dataset']} {run['backend']} "
             f"{_label(run)} rho {run['rho']:g} seed {run['seed']}: final "
             f"{100 * run['final_test_acc']:.1f} best {100 * run['best_test_acc']:.1f} "
@@ -819,9 +846,8 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
                         log(f"FAILED {failures[-1]}")
                     else:
                         record(f.result())
-    if not todo:
-        results["invocations"].pop()
-    save_results(path, results)
+    if todo:
+        results = update_results(path, [], invocation)
     write_report(results, out)
     if failures:
         raise SystemExit(f"{len(failures)} runs failed: " + "; ".join(failures))

@@ -116,3 +116,19 @@ def test_tiny_study_writes_results_report_and_merges(tmp_path):
     study.main([*argv, "--optimizers", "sgd", "--replace"], log=logs.append)
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["runs"]) == 2 and len(saved["invocations"]) == 2
+
+
+def test_concurrent_invocations_keep_each_others_runs(tmp_path):
+    """Two invocations writing the same results.json: each merge re-reads the file."""
+    path = tmp_path / "results.json"
+    first = {"id": "a", "command": "x", "runs_done": 1}
+    second = {"id": "b", "command": "y", "runs_done": 1}
+    study.update_results(path, [_run(seed=0)], first)
+    study.update_results(path, [_run(seed=1, backend="jax")], second)
+    first["runs_done"] = 2
+    merged = study.update_results(path, [_run(seed=2)], first)
+    assert sorted((r["backend"], r["seed"]) for r in merged["runs"]) == [
+        ("jax", 1), ("torch", 0), ("torch", 2)]
+    assert [(i["id"], i["runs_done"]) for i in merged["invocations"]] == [("b", 1), ("a", 2)]
+    assert json.loads(path.read_text()) == merged
+    assert list(tmp_path.iterdir()) == [path]  # no lock file beside the results
