@@ -553,6 +553,20 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
             if nf is not None:
                 lines.append(f"- {head}: SGD memorizes the noise (final noisy_fit "
                              f"{100 * nf[0]:.1f} %): {'PASS' if nf[0] >= 0.9 else 'MISS'}")
+    # The backends agree within their seed spread: |mean_torch - mean_jax| <= sd_torch + sd_jax.
+    pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        pairs.setdefault((r["dataset"], r["label_noise"], r["label"], r["rho"]), {})[
+            r["backend"]] = r
+    for (dataset, noise, label, _), both in sorted(pairs.items()):
+        if {"torch", "jax"} <= set(both):
+            (mt, st), (mj, sj) = both["torch"]["final_test_acc"], both["jax"]["final_test_acc"]
+            ok = abs(mt - mj) <= st + sj
+            lines.append(
+                f"- {dataset}, {round(100 * noise)} % noise, {label}: torch {100 * mt:.1f} ± "
+                f"{100 * st:.1f} vs jax {100 * mj:.1f} ± {100 * sj:.1f} agree within the seed "
+                f"spread (|difference| <= sum of the two sds): {'PASS' if ok else 'MISS'}"
+            )
     return lines
 
 
