@@ -92,6 +92,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="perturb each chunk of M examples of a batch with its own gradient (m-sharpness; "
         "SAM-family optimizers; M divides the batch size)",
     )
+    p.add_argument(
+        "--m-sharpness-impl",
+        choices=("auto", "loop", "vectorized"),
+        default="auto",
+        help="how the chunks run: a loop (torch: vectorize=False; JAX: lax.scan) or "
+        "vectorized (torch.func / jax.vmap); auto: the library's choice for the device. "
+        "Same numbers either way",
+    )
     p.add_argument("--rho", type=float, default=None, help="default: 0.05 for sam, 0.5 for asam")
     p.add_argument("--eta", type=float, default=0.01, help="ASAM offset in T_w = |w| + eta")
     p.add_argument("--label-smoothing", type=float, default=0.1)

@@ -94,6 +94,10 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
     m = args.m_sharpness
+    # lax.scan (one chunk at a time) or jax.vmap (all chunks at once, per-chunk weights)
+    m_impl = {"auto": "auto", "loop": "scan", "vectorized": "vmap"}[
+        args.m_sharpness_impl or "auto"
+    ]
 
     @functools.partial(jax.jit, static_argnames="full_step")
     def train_step(
@@ -107,7 +111,8 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
                 return loss_fn(params, state.batch_stats, *chunk)
 
             updates, opt_state, loss, (logits, stats) = sam_jax.m_sharpness_update(
-                tx, chunk_loss, state.params, state.opt_state, (x, y), m=m, has_aux=True
+                tx, chunk_loss, state.params, state.opt_state, (x, y), m=m, has_aux=True,
+                impl=m_impl,
             )
             new_stats = jax.tree.map(lambda s: jnp.mean(s, 0), stats)
             logits = jnp.reshape(logits, (-1, logits.shape[-1]))
@@ -210,6 +215,7 @@ class _Args:
 _STEP_KEYS = (
     "dataset",
     "m_sharpness",
+    "m_sharpness_impl",
     "depth",
     "width",
     "num_classes",

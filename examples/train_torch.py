@@ -122,6 +122,8 @@ def train(
     steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
     augment = data.name != "digits" and not getattr(config, "no_augment", False)
     noisy = bool(data.flipped.any())
+    impl = getattr(config, "m_sharpness_impl", "auto")
+    vectorize: bool | str = {"auto": "auto", "loop": False, "vectorized": True}[impl]
 
     model = build_model(config, data).to(device)
     optimizer = make_torch_optimizer(config.optimizer, model, config)
@@ -184,7 +186,9 @@ def train(
             xt = torch.from_numpy(to_nchw(x)).to(device)
             yt = torch.from_numpy(y).to(device)
             if m is not None:
-                loss = sam_torch.m_sharpness_step(optimizer, model, chunk_loss, (xt, yt), m=m)
+                loss = sam_torch.m_sharpness_step(
+                    optimizer, model, chunk_loss, (xt, yt), m=m, vectorize=vectorize
+                )
                 optimizer.zero_grad(set_to_none=True)
                 sharp_sum += float(optimizer.sharpness) * len(y)
                 sharp_seen += len(y)
