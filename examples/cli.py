@@ -20,8 +20,12 @@ from typing import Any
 __all__ = [
     "DEFAULT_RHO",
     "build_parser",
+    "check_chunks",
     "lr_at",
+    "make_config",
+    "optimizer_names",
     "parse_args",
+    "print_epoch",
     "step_milestones",
     "write_metrics",
 ]
@@ -38,7 +42,34 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ etc.")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
-    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    p.add_argument(
+        "--dataset",
+        choices=("cifar10", "cifar100", "digits"),
+        default="cifar10",
+        help="digits: scikit-learn's bundled 8x8 digits (no download) with a small CNN "
+        "(--depth/--width then do not apply)",
+    )
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="CIFAR without crop/flip/Cutout (the digits are never augmented)",
+    )
+    p.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="flip this fraction of the training labels to another class (symmetric noise; "
+        "test labels stay clean)",
+    )
+    p.add_argument(
+        "--noise-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the label noise, independent of --seed so that every optimizer and "
+        "both backends see the same labels",
+    )
     p.add_argument("--depth", type=int, default=16)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--epochs", type=int, default=200)
@@ -48,7 +79,27 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--schedule", choices=("step", "cosine"), default="step")
-    p.add_argument("--optimizer", default="sam", help="sgd | sam | asam (see examples/optimizers)")
+    p.add_argument(
+        "--optimizer",
+        default="sam",
+        help=" | ".join(optimizer_names()) + " (the registry of examples/optimizers.py)",
+    )
+    p.add_argument(
+        "--m-sharpness",
+        type=int,
+        default=None,
+        metavar="M",
+        help="perturb each chunk of M examples of a batch with its own gradient (m-sharpness; "
+        "SAM-family optimizers; M divides the batch size)",
+    )
+    p.add_argument(
+        "--m-sharpness-impl",
+        choices=("auto", "loop", "vectorized"),
+        default="auto",
+        help="how the chunks run: a loop (torch: vectorize=False; JAX: lax.scan) or "
+        "vectorized (torch.func / jax.vmap); auto: the library's choice for the device. "
+        "Same numbers either way",
+    )
     p.add_argument("--rho", type=float, default=None, help="default: 0.05 for sam, 0.5 for asam")
     p.add_argument("--eta", type=float, default=0.01, help="ASAM offset in T_w = |w| + eta")
     p.add_argument("--label-smoothing", type=float, default=0.1)
@@ -75,9 +126,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
-    """Parse and complete the arguments (``rho`` default per optimizer); validate sizes."""
-    args = build_parser(description).parse_args(argv)
+def optimizer_names() -> list[str]:
+    """Every optimizer name of the registries in :mod:`examples.optimizers` (both backends)."""
+    from examples.optimizers import OPTAX_OPTIMIZERS, TORCH_OPTIMIZERS
+
+    return sorted(set(TORCH_OPTIMIZERS) | set(OPTAX_OPTIMIZERS))
+
+
+def _complete(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the per-optimizer ``rho`` default and validate; errors are ``SystemExit``."""
     if args.rho is None:
         args.rho = DEFAULT_RHO.get(args.optimizer, 0.05)
     for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -88,7 +145,46 @@ def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1 or omitted, got {value}")
+    if not 0.0 <= args.label_noise <= 1.0:
+        raise SystemExit(f"--label-noise must be a fraction in [0, 1], got {args.label_noise}")
+    if args.noise_seed < 0:
+        raise SystemExit(f"--noise-seed must be >= 0, got {args.noise_seed}")
+    m = args.m_sharpness
+    if m is not None:
+        if m < 1 or args.batch_size % m:
+            divisors = [d for d in range(1, args.batch_size + 1) if args.batch_size % d == 0]
+            raise SystemExit(
+                f"--m-sharpness must divide --batch-size {args.batch_size}, got {m}; "
+                f"choose one of {divisors}"
+            )
+        if args.optimizer == "sgd":
+            raise SystemExit("--m-sharpness needs a SAM-family --optimizer (e.g. sam), got sgd")
     return args
+
+
+def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """Parse and complete the arguments (``rho`` default per optimizer); validate sizes."""
+    return _complete(build_parser(description).parse_args(argv))
+
+
+def make_config(**overrides: Any) -> argparse.Namespace:
+    """The scripts' arguments with their defaults, ``overrides`` applied (Python names,
+    e.g. ``make_config(dataset="digits", optimizer="sam", epochs=2, label_noise=0.4)``),
+    completed and validated as :func:`parse_args` does. ``out`` defaults to ``None``: the
+    training functions then write no files and return the history only.
+
+    Raises:
+        TypeError: an override that is not one of the scripts' arguments.
+    """
+    args = build_parser("config").parse_args([])
+    args.out = None
+    args.no_progress = True
+    unknown = sorted(set(overrides) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"make_config got unknown arguments {unknown}; known: {sorted(vars(args))}")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return _complete(args)
 
 
 def step_milestones(epochs: int) -> list[int]:
@@ -127,3 +223,26 @@ def write_metrics(out: str | os.PathLike[str], history: list[dict[str, Any]], ar
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps({"args": vars(args), "history": history}, indent=1))
     tmp.replace(out / "metrics.json")
+
+
+def check_chunks(config: Any, n_train: int) -> None:
+    """With m-sharpness, every batch (the last, partial one too) must split into chunks of m."""
+    m = getattr(config, "m_sharpness", None)
+    last = n_train % config.batch_size
+    if m is not None and last % m:
+        raise ValueError(
+            f"m_sharpness {m} must divide every batch, but the last batch of the "
+            f"{n_train} training examples has {last}; pick --limit-train so that "
+            f"N mod batch_size is a multiple of {m} (e.g. a multiple of --batch-size)"
+        )
+
+
+def print_epoch(metrics: dict[str, Any], epochs: int) -> None:
+    """One line per epoch (the scripts' progress callback)."""
+    line = f"epoch {metrics['epoch']}/{epochs} train loss {metrics['train_loss']:.4f}"
+    if metrics["train_acc"] is not None:
+        line += f" acc {metrics['train_acc']:.4f}"
+    line += f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:.4f}"
+    if metrics.get("noisy_fit") is not None:
+        line += f" | noisy_fit {metrics['noisy_fit']:.4f} clean_fit {metrics['clean_fit']:.4f}"
+    print(line)

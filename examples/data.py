@@ -35,14 +35,20 @@ import numpy as np
 
 __all__ = [
     "DATASETS",
+    "OFFICIAL_PAGE",
     "CifarSpec",
     "Split",
+    "TrainingData",
     "augment",
     "augment_with_mask",
     "batches",
     "ensure_extracted",
     "epoch_rng",
+    "fit_metrics",
+    "label_noise",
     "load_cifar",
+    "load_digits",
+    "load_training_data",
     "normalize",
     "to_nchw",
 ]
@@ -63,6 +69,9 @@ class CifarSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+
+#: The official CIFAR page, named by the error messages.
+OFFICIAL_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 DATASETS: dict[str, CifarSpec] = {
     "cifar10": CifarSpec(
@@ -131,9 +140,9 @@ def _download(url: str, dest: Path, md5: str) -> None:
     except (urllib.error.URLError, OSError) as err:
         partial.unlink(missing_ok=True)
         raise RuntimeError(
-            f"could not download {url} ({err}). Without network access, pass --data-dir "
-            f"pointing at a folder that holds an extracted copy (e.g. one made by "
-            f"`python /work/shared/data/make_cifar10.py DIR`) or the tarball {dest.name}."
+            f"could not download {url} ({err}). Without network access, fetch the official "
+            f"tarball from {OFFICIAL_PAGE} elsewhere and pass --data-dir pointing at the "
+            f"folder that holds {dest.name} or its extracted folder."
         ) from err
     got = _md5(partial)
     if got != md5:
@@ -165,10 +174,10 @@ def ensure_extracted(data_dir: str | os.PathLike[str], dataset: str, download: b
     if not tar_path.is_file():
         if not download:
             raise FileNotFoundError(
-                f"{dataset} not found: neither {folder} nor {tar_path} exists. Pass --data-dir "
-                f"pointing at a folder holding {spec.folder}/ (e.g. made by `python "
-                f"/work/shared/data/make_cifar10.py DIR`) or {spec.tarball}, or pass --download "
-                "to fetch the official tarball."
+                f"{dataset} not found: the --data-dir folder {str(data_dir)!r} holds neither "
+                f"{spec.folder}/ nor {spec.tarball}. Pass --data-dir pointing at a folder "
+                f"holding one of them (the official download, {OFFICIAL_PAGE}), or pass "
+                "--download to fetch the official tarball."
             )
         root.mkdir(parents=True, exist_ok=True)
         _download(spec.url, tar_path, spec.md5)
@@ -217,17 +226,26 @@ def load_cifar(
     return splits[0], splits[1], spec.num_classes
 
 
+def _normalization(dataset: str) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
+    if dataset == "digits":
+        return DIGITS_MAX, DIGITS_MEAN, DIGITS_STD
+    spec = _spec(dataset)
+    return 255.0, spec.mean, spec.std
+
+
 def normalize(images: np.ndarray, dataset: str = "cifar10") -> np.ndarray:
     r"""Per-channel standardization of NHWC ``uint8`` images to ``float32``.
 
-    .. math:: x' = (x / 255 - \mu_c) / \sigma_c
+    .. math:: x' = (x / x_{max} - \mu_c) / \sigma_c
 
-    with the usual training-set channel means and standard deviations.
+    with :math:`x_{max} = 255` and the usual training-set channel means and standard
+    deviations for CIFAR, :math:`x_{max} = 16` (the digits' 17 grey levels) and the mean and
+    standard deviation of all 1,797 digits for ``"digits"``.
     """
-    spec = _spec(dataset)
-    mean = np.asarray(spec.mean, np.float32)
-    std = np.asarray(spec.std, np.float32)
-    return (images.astype(np.float32) / np.float32(255.0) - mean) / std
+    scale, mean, std = _normalization(dataset)
+    mean_ = np.asarray(mean, np.float32)
+    std_ = np.asarray(std, np.float32)
+    return (images.astype(np.float32) / np.float32(scale) - mean_) / std_
 
 
 def augment(
@@ -286,18 +304,22 @@ def batches(
     dataset: str = "cifar10",
     rng: np.random.Generator | None = None,
     train: bool = False,
+    augment: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(images, labels)``: ``float32`` NHWC normalized images, ``int64`` labels.
 
-    With ``train=True`` the order is shuffled and each batch augmented with ``rng``; the last
-    batch may be smaller. Cutout pixels come out as exactly 0 (the channel mean).
+    With ``train=True`` the order is shuffled and, with ``augment=True``, each batch
+    augmented with ``rng``; the last batch may be smaller. Cutout pixels come out as exactly
+    0 (the channel mean).
 
     Args:
         split: the images and labels.
         batch_size: images per batch.
         dataset: which mean/std :func:`normalize` uses.
         rng: the epoch's generator (:func:`epoch_rng`); required with ``train=True``.
-        train: shuffle and augment (training) or keep order, no augmentation (evaluation).
+        train: shuffle (training) or keep order, no augmentation (evaluation).
+        augment: with ``train=True``, crop, flip and Cutout each batch (the CIFAR recipe);
+            ``False`` only shuffles (the digits, the label-noise study's memorization regime).
     """
     if train and rng is None:
         raise ValueError("batches(train=True) needs rng, e.g. rng=epoch_rng(seed, epoch)")
@@ -306,7 +328,7 @@ def batches(
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         raw = split.images[idx]
-        if train and rng is not None:
+        if train and augment and rng is not None:
             raw, mask = augment_with_mask(raw, rng)
             x = normalize(raw, dataset)
             x[mask] = 0.0
@@ -318,3 +340,197 @@ def batches(
 def to_nchw(images: np.ndarray) -> np.ndarray:
     """NHWC -> NCHW (contiguous), the layout PyTorch convolutions expect."""
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Label noise
+# ---------------------------------------------------------------------------------------
+
+
+def label_noise(
+    labels: np.ndarray, fraction: float, *, seed: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric label noise: flip exactly ``round(fraction * N)`` labels to another class.
+
+    The flipped examples are drawn uniformly without replacement; each gets a label drawn
+    uniformly from the ``num_classes - 1`` classes other than its own (the "symmetric" noise
+    of Foret et al., ICLR 2021, Table 4, where a fraction :math:`p` of the labels is wrong:
+    :math:`P(\\tilde y = j \\mid y = i) = p / (K - 1)` for :math:`j \\ne i`). The draws are
+    a pure function of ``seed`` (NumPy's ``default_rng``), so every optimizer and both
+    backends see the same noisy labels; ``labels`` is not modified.
+
+    Args:
+        labels: 1-D integer array of classes in ``[0, num_classes)``.
+        fraction: the fraction of labels to flip, in ``[0, 1]``.
+        seed: a non-negative integer seeding the draws.
+        num_classes: the number of classes ``K >= 2``.
+
+    Returns:
+        ``(noisy_labels, flipped_mask)``: a new ``int64`` array and a boolean mask, ``True``
+        exactly where ``noisy_labels != labels``.
+
+    Raises:
+        ValueError: a fraction outside ``[0, 1]``, fewer than 2 classes, a label out of
+            range, labels not 1-D, or a negative seed.
+        TypeError: non-integer labels, seed or ``num_classes``.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 to flip a label, got {num_classes}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)):
+        raise TypeError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    if not 0.0 <= float(fraction) <= 1.0:  # also rejects NaN
+        raise ValueError(f"fraction must be in [0, 1] (e.g. 0.4 for 40% noise), got {fraction!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array, got shape {labels.shape}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}), got values in "
+            f"[{labels.min()}, {labels.max()}]"
+        )
+    n = len(labels)
+    n_flip = round(float(fraction) * n)
+    rng = np.random.default_rng(int(seed))
+    flipped_idx = rng.choice(n, size=n_flip, replace=False)
+    # An offset in 1..K-1 added modulo K is a uniform draw among the K - 1 other classes.
+    offsets = rng.integers(1, num_classes, size=n_flip)
+    noisy = labels.astype(np.int64, copy=True)
+    noisy[flipped_idx] = (noisy[flipped_idx] + offsets) % num_classes
+    flipped = np.zeros(n, dtype=bool)
+    flipped[flipped_idx] = True
+    return noisy, flipped
+
+
+# ---------------------------------------------------------------------------------------
+# scikit-learn's digits
+# ---------------------------------------------------------------------------------------
+
+#: Grey levels of the digits run 0..16; mean and standard deviation of all 1,797 images
+#: after dividing by 16.
+DIGITS_MAX = 16.0
+DIGITS_MEAN = (0.30526,)
+DIGITS_STD = (0.37605,)
+DIGITS_TEST_SIZE = 517
+DIGITS_SPLIT_SEED = 0
+
+
+def load_digits(
+    *, test_size: int = DIGITS_TEST_SIZE, split_seed: int = DIGITS_SPLIT_SEED
+) -> tuple[Split, Split, int]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes; no download).
+
+    The images become ``N x 8 x 8 x 1`` ``uint8`` (grey levels 0..16) and are split once by a
+    permutation drawn from ``split_seed``: the first ``test_size`` images of it form the test
+    set (default 517, leaving 1,280 = 10 batches of 128 for training, which any m-sharpness
+    chunk size dividing 128 divides). The split does not depend on the training seed, so
+    every run sees the same data.
+
+    Reference: Alpaydin & Kaynak, "Optical Recognition of Handwritten Digits", UCI, 1998.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = np.asarray(bunch.images, dtype=np.uint8)[..., None]  # values are 0..16
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    if not 1 <= test_size < len(labels):
+        raise ValueError(f"test_size must be in [1, {len(labels) - 1}], got {test_size}")
+    order = np.random.default_rng(split_seed).permutation(len(labels))
+    test_idx, train_idx = np.sort(order[:test_size]), np.sort(order[test_size:])
+    return (
+        Split(images[train_idx], labels[train_idx]),
+        Split(images[test_idx], labels[test_idx]),
+        10,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# What a training run sees
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The splits of one training run.
+
+    Attributes:
+        name: ``"digits"``, ``"cifar10"`` or ``"cifar100"`` (selects :func:`normalize`).
+        train: training images with the labels the model is trained on (noisy ones where
+            ``flipped`` is set).
+        test: test images with their clean labels.
+        num_classes: number of classes.
+        clean_labels: the training labels before noise.
+        flipped: boolean mask of the training examples whose label was flipped.
+    """
+
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    clean_labels: np.ndarray
+    flipped: np.ndarray
+
+
+def _limit(split: Split, n: int | None) -> Split:
+    return split if n is None else Split(split.images[:n], split.labels[:n])
+
+
+def load_training_data(config: object) -> TrainingData:
+    """Load what ``config`` (the scripts' arguments) asks for: ``dataset``, ``data_dir``,
+    ``download``, ``limit_train``/``limit_test`` (first N images), then ``label_noise``
+    (fraction of the used training labels flipped by :func:`label_noise` with
+    ``noise_seed``). Test labels stay clean."""
+    name = config.dataset  # type: ignore[attr-defined]
+    if name == "digits":
+        train, test, num_classes = load_digits()
+    else:
+        train, test, num_classes = load_cifar(
+            config.data_dir,  # type: ignore[attr-defined]
+            name,
+            download=bool(getattr(config, "download", False)),
+        )
+    train = _limit(train, getattr(config, "limit_train", None))
+    test = _limit(test, getattr(config, "limit_test", None))
+    fraction = float(getattr(config, "label_noise", 0.0) or 0.0)
+    if fraction > 0:
+        noisy, flipped = label_noise(
+            train.labels,
+            fraction,
+            seed=config.noise_seed,  # type: ignore[attr-defined]
+            num_classes=num_classes,
+        )
+    else:
+        noisy, flipped = train.labels, np.zeros(len(train), dtype=bool)
+    return TrainingData(
+        name, Split(train.images, noisy), test, num_classes, train.labels, flipped
+    )
+
+
+def fit_metrics(predictions: np.ndarray, data: TrainingData) -> dict[str, float | None]:
+    """How far a model fits the noisy training labels, from its eval-mode predictions on
+    the training set (in order).
+
+    * ``noisy_fit``: among the flipped examples, the fraction predicted as their *noisy*
+      label (memorized noise; ``None`` without noise);
+    * ``clean_fit``: among the examples whose label was not flipped, the fraction predicted
+      as that (correct) label.
+    """
+    predictions = np.asarray(predictions)
+    labels, flipped = data.train.labels, data.flipped
+    if predictions.shape != labels.shape:
+        raise ValueError(
+            f"predictions must have shape {labels.shape} (one per training example), "
+            f"got {predictions.shape}"
+        )
+    hit = predictions == labels
+    return {
+        "noisy_fit": float(hit[flipped].mean()) if flipped.any() else None,
+        "clean_fit": float(hit[~flipped].mean()) if (~flipped).any() else None,
+    }

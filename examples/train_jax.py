@@ -1,19 +1,31 @@
-"""Train a WideResNet on CIFAR-10/100 with SGD, SAM or ASAM in JAX/Flax (CPU or GPU).
+"""Train with SGD, SAM, ASAM or a SAM variant in JAX/Flax (CPU or GPU): a WideResNet on
+CIFAR-10/100, or a small CNN on scikit-learn's digits; optionally with label noise and
+m-sharpness.
 
-    python -m examples.train_jax --data-dir /path/to/data --optimizer sam   # WRN-16-8 defaults
-    python -m examples.train_jax --data-dir /path/to/data --depth 10 --width 2 --epochs 3 \\
-        --limit-train 5000 --optimizer sgd --out runs/jax_sgd              # a few CPU minutes
+    python -m examples.train_jax --data-dir DATA --optimizer sam   # WRN-16-8 defaults
+    python -m examples.train_jax --data-dir DATA --depth 10 --width 2 --epochs 3 \\
+        --limit-train 5000 --optimizer sgd --out runs/jax_sgd     # a few CPU minutes
+    python -m examples.train_jax --dataset digits --epochs 40 --schedule cosine --lr 0.05 \\
+        --label-smoothing 0 --label-noise 0.4 --optimizer sam --m-sharpness 16 --out runs/d
 
 ``--data-dir`` holds CIFAR in the official layout (https://www.cs.toronto.edu/~kriz/cifar.html,
 the tarball or its extracted folder); ``--download`` fetches and checks it there.
 
 The flags are those of ``train_torch.py`` (:func:`examples.cli.build_parser`) and the batches
-are the same (:mod:`examples.data`). The optimizer is an optax chain,
+are the same (:mod:`examples.data`); the digits CNN starts from the same weights as the
+PyTorch one (:func:`examples.cnn_flax.init_variables`). The optimizer is an optax chain,
 ``sam_jax.sam -> add_decayed_weights -> sgd`` for SAM/ASAM; its ``update`` gets a ``grad_fn``
 that evaluates the loss and gradient at the perturbed parameters with
 ``mutable=["batch_stats"]`` and **discards** the statistics it computes, so the BatchNorm
-running averages come from the clean pass only. Each epoch writes ``metrics.csv``/
-``metrics.json`` and ``checkpoint.pkl`` in ``--out``; ``--resume`` continues exactly.
+running averages come from the clean pass only. With ``--m-sharpness M`` the step is
+:func:`sam_jax.m_sharpness_update` with the same chain (each chunk of M examples perturbed
+with its own gradient; the running statistics are the mean over the chunks of what each
+chunk's clean pass gives).
+
+:func:`train` is the training loop as a function (``train(config) -> history``), called by
+:func:`main`, the benchmarks and the label-noise study; with ``config.out`` set, each epoch
+writes ``metrics.csv``/``metrics.json`` and ``checkpoint.pkl`` there, and ``--resume``
+continues exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import os
 import pickle
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,12 +50,12 @@ import optax
 from flax import serialization
 from tqdm import tqdm
 
-from examples.cli import lr_at, parse_args, write_metrics
-from examples.data import Split, batches, epoch_rng, load_cifar
+import sam_jax
+from examples.cli import check_chunks, lr_at, parse_args, print_epoch, write_metrics
+from examples.data import Split, TrainingData, batches, epoch_rng, fit_metrics, load_training_data
 from examples.optimizers import OPTAX_OPTIMIZERS, make_optax
-from examples.wrn_flax import WideResNet
 
-__all__ = ["TrainState", "main", "make_steps"]
+__all__ = ["TrainState", "init_state", "main", "make_steps", "train"]
 
 CHECKPOINT = "checkpoint.pkl"
 
@@ -67,7 +80,7 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
     """``(model, tx, train_step, eval_step)`` for a hashable ``config`` (the arguments),
     cached so that resuming in the same process reuses the compiled steps."""
     args = _Args(dict(config))
-    model = WideResNet(args.depth, args.width, args.num_classes)
+    model = _model(args.dataset, args.depth, args.width, args.num_classes)
     tx = make_optax(args.optimizer, args, steps_per_epoch)
     needs_grad_fn = OPTAX_OPTIMIZERS[args.optimizer].needs_grad_fn
 
@@ -83,10 +96,33 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
+    m = args.m_sharpness
+    # lax.scan (one chunk at a time) or jax.vmap (all chunks at once, per-chunk weights)
+    m_impl = {"auto": "auto", "loop": "scan", "vectorized": "vmap"}[
+        args.m_sharpness_impl or "auto"
+    ]
+
     @functools.partial(jax.jit, static_argnames="full_step")
     def train_step(
         state: TrainState, x: jax.Array, y: jax.Array, full_step: bool | None = None
     ) -> tuple[TrainState, Any]:
+        if m is not None:
+            # m-sharpness: each chunk of m examples perturbed with its own gradient, every
+            # chunk normalized with its own batch statistics; the running statistics are
+            # the mean over the chunks of what each chunk's clean pass gives.
+            def chunk_loss(params: Any, chunk: tuple[jax.Array, jax.Array]) -> Any:
+                return loss_fn(params, state.batch_stats, *chunk)
+
+            updates, opt_state, loss, (logits, stats) = sam_jax.m_sharpness_update(
+                tx, chunk_loss, state.params, state.opt_state, (x, y), m=m, has_aux=True,
+                impl=m_impl,
+            )
+            new_stats = jax.tree.map(lambda s: jnp.mean(s, 0), stats)
+            logits = jnp.reshape(logits, (-1, logits.shape[-1]))
+            params = optax.apply_updates(state.params, updates)
+            correct = jnp.sum(jnp.argmax(logits, -1) == y)
+            sharpness = opt_state[0].sharpness
+            return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
         (loss, (logits, new_stats)), grads = value_and_grad(state.params, state.batch_stats, x, y)
         if needs_grad_fn:
 
@@ -107,34 +143,71 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
         correct = jnp.sum(jnp.argmax(logits, -1) == y)
         return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
 
-    eval_variables = _eval_fn(args.depth, args.width, args.num_classes, args.label_smoothing)
+    eval_variables = _eval_fn(
+        args.dataset, args.depth, args.width, args.num_classes, args.label_smoothing
+    )
 
-    def eval_step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def eval_step(state: TrainState, x: jax.Array, y: jax.Array) -> Any:
         return eval_variables(state.params, state.batch_stats, x, y)
 
     return model, tx, train_step, eval_step
 
 
+def _model(dataset: str, depth: int, width: int, num_classes: int) -> Any:
+    """The Flax model of a run: the digits CNN or a WideResNet."""
+    if dataset == "digits":
+        from examples.cnn_flax import SmallCNN
+
+        return SmallCNN(num_classes)
+    from examples.wrn_flax import WideResNet
+
+    return WideResNet(depth, width, num_classes)
+
+
 @functools.lru_cache(maxsize=4)
-def _eval_fn(depth: int, width: int, num_classes: int, label_smoothing: float) -> Any:
-    """Jitted ``(params, batch_stats, x, y) -> (summed loss, correct)`` in eval mode, shared
-    by every optimizer (it does not see the optimizer state)."""
-    model = WideResNet(depth, width, num_classes)
+def _eval_fn(
+    dataset: str, depth: int, width: int, num_classes: int, label_smoothing: float
+) -> Any:
+    """Jitted ``(params, batch_stats, x, y) -> (summed loss, correct, predictions)`` in eval
+    mode, shared by every optimizer (it does not see the optimizer state)."""
+    model = _model(dataset, depth, width, num_classes)
 
     @jax.jit
     def eval_step(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> Any:
         logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         loss = smoothed_cross_entropy(logits, y, label_smoothing)
-        return loss * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
+        predictions = jnp.argmax(logits, -1)
+        return loss * len(y), jnp.sum(predictions == y), predictions
 
     return eval_step
 
 
 @functools.lru_cache(maxsize=4)
 def _init_fn(depth: int, width: int, num_classes: int) -> Any:
-    """Jitted ``model.init`` (compiled once per architecture and process)."""
+    """Jitted WideResNet ``model.init`` (compiled once per architecture and process)."""
+    from examples.wrn_flax import WideResNet
+
     model = WideResNet(depth, width, num_classes)
     return jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def init_state(config: Any, data: TrainingData, tx: Any) -> TrainState:
+    """Initial parameters, statistics and optimizer state: the digits CNN from
+    :func:`examples.cnn_flax.init_variables` (PyTorch's initial weights for the seed), a
+    WideResNet from ``jax.random.key(config.seed)``."""
+    if data.name == "digits":
+        from examples.cnn_flax import init_variables
+
+        _, h, _, c = data.train.images.shape
+        variables = init_variables(
+            config.seed, in_channels=c, num_classes=data.num_classes, image_size=h
+        )
+    else:
+        variables = _init_fn(config.depth, config.width, data.num_classes)(
+            jax.random.key(config.seed)
+        )
+    params = variables["params"]
+    return TrainState(params, variables["batch_stats"], tx.init(params))
 
 
 class _Args:
@@ -143,6 +216,9 @@ class _Args:
 
 
 _STEP_KEYS = (
+    "dataset",
+    "m_sharpness",
+    "m_sharpness_impl",
     "depth",
     "width",
     "num_classes",
@@ -159,72 +235,84 @@ _STEP_KEYS = (
 )
 
 
-def evaluate(eval_step: Any, state: TrainState, split: Split, args: Any) -> tuple[float, float]:
-    """``(mean label-smoothed loss, accuracy)`` in eval mode (running statistics)."""
-    loss_sum, correct = 0.0, 0
+def evaluate(
+    eval_step: Any, state: TrainState, split: Split, args: Any
+) -> tuple[float, float, np.ndarray]:
+    """``(mean label-smoothed loss, accuracy, predictions)`` in eval mode (running
+    statistics)."""
+    loss_sum, correct, predictions = 0.0, 0, []
     for x, y in batches(split, args.eval_batch_size, dataset=args.dataset):
-        batch_loss, batch_correct = eval_step(state, jnp.asarray(x), jnp.asarray(y))
+        batch_loss, batch_correct, batch_pred = eval_step(state, jnp.asarray(x), jnp.asarray(y))
         loss_sum += float(batch_loss)
         correct += int(batch_correct)
-    return loss_sum / len(split), correct / len(split)
+        predictions.append(np.asarray(batch_pred))
+    return loss_sum / len(split), correct / len(split), np.concatenate(predictions)
 
 
-def _limit(split: Split, n: int | None) -> Split:
-    return split if n is None else Split(split.images[:n], split.labels[:n])
+def train(
+    config: Any, progress: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says.
 
+    Returns the history, one dict per epoch with the keys of
+    :func:`examples.train_torch.train` (with m-sharpness, ``train_acc`` comes from the
+    chunks' clean logits, which :func:`sam_jax.m_sharpness_update` returns). ``progress(metrics)`` is called after each epoch. Files are written only
+    when ``config.out`` is set.
+    """
+    data = load_training_data(config)
+    train_split = data.train
+    check_chunks(config, len(train_split))
+    steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
+    augment = data.name != "digits" and not getattr(config, "no_augment", False)
+    noisy = bool(data.flipped.any())
+    step_config = {k: getattr(config, k, None) for k in _STEP_KEYS}
+    step_config["num_classes"] = data.num_classes
+    _, tx, train_step, eval_step = make_steps(tuple(sorted(step_config.items())), steps_per_epoch)
+    state = init_state(config, data, tx)
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run training; return the last epoch's metrics."""
-    args = parse_args("Train a WideResNet on CIFAR with sam_jax (Flax).", argv)
-    train, test, num_classes = load_cifar(args.data_dir, args.dataset, download=args.download)
-    train, test = _limit(train, args.limit_train), _limit(test, args.limit_test)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    config = {k: getattr(args, k, None) for k in _STEP_KEYS}
-    config["num_classes"] = num_classes
-    _, tx, train_step, eval_step = make_steps(tuple(sorted(config.items())), steps_per_epoch)
-
-    variables = _init_fn(args.depth, args.width, num_classes)(jax.random.key(args.seed))
-    state = TrainState(variables["params"], variables["batch_stats"], None)
-    state = state._replace(opt_state=tx.init(state.params))
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.out) if getattr(config, "out", None) else None
     start_epoch, history = 0, []
-    if args.resume is not None:
-        path = out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    resume = getattr(config, "resume", None)
+    if resume is not None:
+        if out is None and resume == "auto":
+            raise ValueError("resume='auto' needs config.out (the folder of the checkpoint)")
+        path = out / CHECKPOINT if resume == "auto" else Path(resume)
         if path.is_file():
             with open(path, "rb") as f:  # our own file: pickle of NumPy arrays and lists
                 ckpt = pickle.load(f)
             state = serialization.from_state_dict(state, ckpt["state"])
             start_epoch, history = ckpt["epoch"], ckpt["history"]
             print(f"resumed from {path} at epoch {start_epoch}")
-        elif args.resume != "auto":
+        elif resume != "auto":
             raise SystemExit(f"--resume {path}: no such checkpoint file")
 
-    two_pass = OPTAX_OPTIMIZERS[args.optimizer].needs_grad_fn
-    full_step_at = OPTAX_OPTIMIZERS[args.optimizer].full_step
-    for epoch in range(start_epoch, args.epochs):
+    two_pass = OPTAX_OPTIMIZERS[config.optimizer].needs_grad_fn
+    full_step_at = OPTAX_OPTIMIZERS[config.optimizer].full_step
+    for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         seen, loss_sum, correct, sharp_sum, sharp_seen = 0, 0.0, 0, 0.0, 0
         bar = tqdm(
             batches(
-                train,
-                args.batch_size,
-                dataset=args.dataset,
-                rng=epoch_rng(args.seed, epoch),
+                train_split,
+                config.batch_size,
+                dataset=config.dataset,
+                rng=epoch_rng(config.seed, epoch),
                 train=True,
+                augment=augment,
             ),
             total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=args.no_progress,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=getattr(config, "no_progress", True),
             leave=False,
         )
         for i, (x, y) in enumerate(bar):
             lr = lr_at(
                 epoch * steps_per_epoch + i,
-                lr=args.lr,
-                schedule=args.schedule,
-                epochs=args.epochs,
+                lr=config.lr,
+                schedule=config.schedule,
+                epochs=config.epochs,
                 steps_per_epoch=steps_per_epoch,
             )
             t = epoch * steps_per_epoch + i
@@ -239,41 +327,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sharp_sum += float(sharpness) * len(y)
                 sharp_seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        test_loss, test_acc = evaluate(eval_step, state, test, args)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
-                "sharpness": sharp_sum / sharp_seen if two_pass and sharp_seen else None,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "epoch_time_s": round(time.perf_counter() - started, 3),
-            }
-        )
-        print(
-            f"epoch {epoch + 1}/{args.epochs} train loss {loss_sum / seen:.4f} acc "
-            f"{correct / seen:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
-        )
-        write_metrics(out, history, args)
-        tmp = out / (CHECKPOINT + ".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(
-                {
-                    "state": serialization.to_state_dict(jax.device_get(state)),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "args": vars(args),
-                },
-                f,
-            )
-        os.replace(tmp, out / CHECKPOINT)
-        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
+        test_loss, test_acc, _ = evaluate(eval_step, state, data.test, config)
+        fit: dict[str, float | None] = {"noisy_fit": None, "clean_fit": None}
+        if noisy:
+            fit = fit_metrics(evaluate(eval_step, state, train_split, config)[2], data)
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "sharpness": sharp_sum / sharp_seen if two_pass and sharp_seen else None,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            **fit,
+            "epoch_time_s": round(time.perf_counter() - started, 3),
+        }
+        history.append(metrics)
+        if progress is not None:
+            progress(metrics)
+        if out is not None:
+            write_metrics(out, history, config)
+            tmp = out / (CHECKPOINT + ".tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(
+                    {
+                        "state": serialization.to_state_dict(jax.device_get(state)),
+                        "epoch": epoch + 1,
+                        "history": history,
+                        "args": vars(config),
+                    },
+                    f,
+                )
+            os.replace(tmp, out / CHECKPOINT)
+        stop = getattr(config, "stop_after_epoch", None)
+        if stop is not None and epoch + 1 >= stop:
             print(f"stopping after epoch {epoch + 1} (--stop-after-epoch)")
-            return history[-1]
+            break
+    return history
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run training from the command line; return the last epoch's metrics."""
+    args = parse_args("Train with sam_jax (WideResNet on CIFAR, small CNN on digits).", argv)
+    history = train(args, progress=lambda m: print_epoch(m, args.epochs))
     final = history[-1] if history else {}
-    if final:
+    if final and (args.stop_after_epoch is None or final["epoch"] >= args.epochs):
         print(
             f"final test accuracy {final['test_acc']:.4f} "
             f"(error {100 * (1 - final['test_acc']):.2f}%)"

@@ -1,8 +1,12 @@
-"""Train a WideResNet on CIFAR-10/100 with SGD, SAM or ASAM in PyTorch (CPU or GPU).
+"""Train with SGD, SAM, ASAM or a SAM variant in PyTorch (CPU or GPU): a WideResNet on
+CIFAR-10/100, or a small CNN on scikit-learn's digits; optionally with label noise and
+m-sharpness.
 
-    python -m examples.train_torch --data-dir /path/to/data --optimizer sam   # WRN-16-8 defaults
-    python -m examples.train_torch --data-dir /path/to/data --depth 10 --width 2 --epochs 3 \\
-        --limit-train 5000 --optimizer sgd --out runs/torch_sgd            # a few CPU minutes
+    python -m examples.train_torch --data-dir DATA --optimizer sam   # WRN-16-8 defaults
+    python -m examples.train_torch --data-dir DATA --depth 10 --width 2 --epochs 3 \\
+        --limit-train 5000 --optimizer sgd --out runs/torch_sgd    # a few CPU minutes
+    python -m examples.train_torch --dataset digits --epochs 40 --schedule cosine --lr 0.05 \\
+        --label-smoothing 0 --label-noise 0.4 --optimizer sam --m-sharpness 16 --out runs/d
 
 ``--data-dir`` holds CIFAR in the official layout (https://www.cs.toronto.edu/~kriz/cifar.html,
 the tarball or its extracted folder); ``--download`` fetches and checks it there.
@@ -10,10 +14,15 @@ the tarball or its extracted folder); ``--download`` fetches and checks it there
 The flags are those of ``train_jax.py`` (:func:`examples.cli.build_parser`) and the batches
 are the same (:mod:`examples.data`). The SAM step is the two-pass loop of ``sam_torch``:
 clean forward/backward (which alone updates the BatchNorm running statistics),
-``first_step``, perturbed forward/backward under ``disable_running_stats``, ``second_step``.
-Each epoch writes ``metrics.csv``/``metrics.json`` and ``checkpoint.pt`` in ``--out``;
-``--resume`` continues from the checkpoint exactly (the epoch's shuffle and augmentation are
-a pure function of ``(seed, epoch)``).
+``first_step``, perturbed forward/backward under ``disable_running_stats``, ``second_step``;
+with ``--m-sharpness M`` it is :func:`sam_torch.m_sharpness_step` (each chunk of M examples
+perturbed with its own gradient).
+
+:func:`train` is the training loop as a function (``train(config) -> history``), called by
+:func:`main`, the benchmarks and the label-noise study; with ``config.out`` set, each epoch
+writes ``metrics.csv``/``metrics.json`` and ``checkpoint.pt`` there, and ``--resume``
+continues from the checkpoint exactly (the epoch's shuffle and augmentation are a pure
+function of ``(seed, epoch)``).
 """
 
 from __future__ import annotations
@@ -22,25 +31,48 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python examples/train_torch.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import sam_torch
-from examples.cli import lr_at, parse_args, write_metrics
-from examples.data import Split, batches, epoch_rng, load_cifar, to_nchw
+from examples.cli import check_chunks, lr_at, parse_args, print_epoch, write_metrics
+from examples.data import (
+    Split,
+    TrainingData,
+    batches,
+    epoch_rng,
+    fit_metrics,
+    load_training_data,
+    to_nchw,
+)
 from examples.optimizers import make_torch_optimizer
-from examples.wrn_torch import WideResNet
 
-__all__ = ["evaluate", "main"]
+__all__ = ["build_model", "evaluate", "main", "predict", "train"]
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def build_model(config: Any, data: TrainingData) -> torch.nn.Module:
+    """The digits CNN (:class:`examples.cnn_torch.SmallCNN`, NumPy-seeded) or a
+    WideResNet (``config.depth``/``config.width``, seeded with ``torch.manual_seed``)."""
+    if data.name == "digits":
+        from examples.cnn_torch import SmallCNN
+
+        _, h, _, c = data.train.images.shape
+        return SmallCNN(config.seed, c, data.num_classes, h)
+    from examples.wrn_torch import WideResNet
+
+    torch.manual_seed(config.seed)
+    return WideResNet(config.depth, config.width, data.num_classes)
 
 
 def evaluate(
@@ -60,125 +92,175 @@ def evaluate(
     return total_loss / len(split), correct / len(split)
 
 
-def _limit(split: Split, n: int | None) -> Split:
-    return split if n is None else Split(split.images[:n], split.labels[:n])
+def predict(model: torch.nn.Module, split: Split, args: Any, device: torch.device) -> np.ndarray:
+    """Eval-mode class predictions for ``split`` in order."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for x, _ in batches(split, args.eval_batch_size, dataset=args.dataset):
+            out.append(model(torch.from_numpy(to_nchw(x)).to(device)).argmax(1).cpu().numpy())
+    return np.concatenate(out)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run training; return the last epoch's metrics."""
-    args = parse_args("Train a WideResNet on CIFAR with sam_torch.", argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def train(
+    config: Any, progress: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says.
+
+    Returns the history: one dict per epoch with ``epoch``, ``lr``, ``train_loss``,
+    ``train_acc`` (running, on the augmented batches; ``None`` with m-sharpness, whose step
+    returns the loss only), ``sharpness`` (mean :math:`L(w+e) - L(w)`, ``None`` for
+    one-pass optimizers), ``test_loss``, ``test_acc``, ``noisy_fit`` and ``clean_fit``
+    (:func:`examples.data.fit_metrics`, eval mode on the training set; only with label
+    noise, else ``None``) and ``epoch_time_s``. ``progress(metrics)`` is called after each
+    epoch. Files are written only when ``config.out`` is set.
+    """
+    if getattr(config, "threads", None):
+        torch.set_num_threads(config.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train, test, num_classes = load_cifar(args.data_dir, args.dataset, download=args.download)
-    train, test = _limit(train, args.limit_train), _limit(test, args.limit_test)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    data = load_training_data(config)
+    train_split = data.train
+    m = getattr(config, "m_sharpness", None)
+    check_chunks(config, len(train_split))
+    steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
+    augment = data.name != "digits" and not getattr(config, "no_augment", False)
+    noisy = bool(data.flipped.any())
+    impl = getattr(config, "m_sharpness_impl", "auto")
+    vectorize: bool | str = {"auto": "auto", "loop": False, "vectorized": True}[impl]
 
-    torch.manual_seed(args.seed)
-    model = WideResNet(args.depth, args.width, num_classes).to(device)
-    optimizer = make_torch_optimizer(args.optimizer, model, args)
+    model = build_model(config, data).to(device)
+    optimizer = make_torch_optimizer(config.optimizer, model, config)
     two_pass = hasattr(optimizer, "first_step")
+    if m is not None and not two_pass:
+        raise ValueError(f"m_sharpness needs a SAM-family optimizer, got {config.optimizer!r}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.out) if getattr(config, "out", None) else None
     start_epoch, history = 0, []
-    if args.resume is not None:
-        path = out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    resume = getattr(config, "resume", None)
+    if resume is not None:
+        if out is None and resume == "auto":
+            raise ValueError("resume='auto' needs config.out (the folder of the checkpoint)")
+        path = out / CHECKPOINT if resume == "auto" else Path(resume)
         if path.is_file():
             ckpt = torch.load(path, map_location=device, weights_only=False)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, history = ckpt["epoch"], ckpt["history"]
             print(f"resumed from {path} at epoch {start_epoch}")
-        elif args.resume != "auto":
+        elif resume != "auto":
             raise SystemExit(f"--resume {path}: no such checkpoint file")
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing)
+        return F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
 
-    for epoch in range(start_epoch, args.epochs):
+    def chunk_loss(net: torch.nn.Module, chunk: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return loss_fn(net(chunk[0]), chunk[1])
+
+    for epoch in range(start_epoch, config.epochs):
         model.train()
         started = time.perf_counter()
         seen, loss_sum, correct, sharp_sum, sharp_seen = 0, 0.0, 0, 0.0, 0
         bar = tqdm(
             batches(
-                train,
-                args.batch_size,
-                dataset=args.dataset,
-                rng=epoch_rng(args.seed, epoch),
+                train_split,
+                config.batch_size,
+                dataset=config.dataset,
+                rng=epoch_rng(config.seed, epoch),
                 train=True,
+                augment=augment,
             ),
             total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=args.no_progress,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=getattr(config, "no_progress", True),
             leave=False,
         )
         for i, (x, y) in enumerate(bar):
             lr = lr_at(
                 epoch * steps_per_epoch + i,
-                lr=args.lr,
-                schedule=args.schedule,
-                epochs=args.epochs,
+                lr=config.lr,
+                schedule=config.schedule,
+                epochs=config.epochs,
                 steps_per_epoch=steps_per_epoch,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             xt = torch.from_numpy(to_nchw(x)).to(device)
             yt = torch.from_numpy(y).to(device)
-            logits = model(xt)
-            loss = loss_fn(logits, yt)
-            loss.backward()
-            # LookSAM / every-k SAM: one pass on the steps that reuse or skip SAM's
-            if two_pass and getattr(optimizer, "is_full_step", True):
-                optimizer.first_step(zero_grad=True)
-                with sam_torch.disable_running_stats(model):
-                    perturbed_loss = loss_fn(model(xt), yt)
-                    perturbed_loss.backward()
-                optimizer.second_step(zero_grad=True)
-                sharp_sum += (perturbed_loss.item() - loss.item()) * len(y)
-                sharp_seen += len(y)
-            else:
-                optimizer.step()
+            if m is not None:
+                loss = sam_torch.m_sharpness_step(
+                    optimizer, model, chunk_loss, (xt, yt), m=m, vectorize=vectorize
+                )
                 optimizer.zero_grad(set_to_none=True)
+                sharp_sum += float(optimizer.sharpness) * len(y)
+                sharp_seen += len(y)
+                correct = None
+            else:
+                logits = model(xt)
+                loss = loss_fn(logits, yt)
+                loss.backward()
+                # LookSAM / every-k SAM: one pass on the steps that reuse or skip SAM's
+                if two_pass and getattr(optimizer, "is_full_step", True):
+                    optimizer.first_step(zero_grad=True)
+                    with sam_torch.disable_running_stats(model):
+                        perturbed_loss = loss_fn(model(xt), yt)
+                        perturbed_loss.backward()
+                    optimizer.second_step(zero_grad=True)
+                    sharp_sum += (perturbed_loss.item() - loss.item()) * len(y)
+                    sharp_seen += len(y)
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                correct += int((logits.argmax(1) == yt).sum())
             seen += len(y)
             loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == yt).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        test_loss, test_acc = evaluate(model, test, args, device)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
-                "sharpness": sharp_sum / sharp_seen if two_pass and sharp_seen else None,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "epoch_time_s": round(time.perf_counter() - started, 3),
-            }
-        )
-        print(
-            f"epoch {epoch + 1}/{args.epochs} train loss {loss_sum / seen:.4f} acc "
-            f"{correct / seen:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
-        )
-        write_metrics(out, history, args)
-        tmp = out / (CHECKPOINT + ".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "args": vars(args),
-            },
-            tmp,
-        )
-        os.replace(tmp, out / CHECKPOINT)
-        if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        test_loss, test_acc = evaluate(model, data.test, config, device)
+        fit: dict[str, float | None] = {"noisy_fit": None, "clean_fit": None}
+        if noisy:
+            fit = fit_metrics(predict(model, train_split, config, device), data)
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_acc": None if correct is None else correct / seen,
+            "sharpness": sharp_sum / sharp_seen if two_pass and sharp_seen else None,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            **fit,
+            "epoch_time_s": round(time.perf_counter() - started, 3),
+        }
+        history.append(metrics)
+        if progress is not None:
+            progress(metrics)
+        if out is not None:
+            write_metrics(out, history, config)
+            tmp = out / (CHECKPOINT + ".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "args": vars(config),
+                },
+                tmp,
+            )
+            os.replace(tmp, out / CHECKPOINT)
+        stop = getattr(config, "stop_after_epoch", None)
+        if stop is not None and epoch + 1 >= stop:
             print(f"stopping after epoch {epoch + 1} (--stop-after-epoch)")
-            return history[-1]
+            break
+    return history
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run training from the command line; return the last epoch's metrics."""
+    args = parse_args("Train with sam_torch (WideResNet on CIFAR, small CNN on digits).", argv)
+    history = train(args, progress=lambda m: print_epoch(m, args.epochs))
     final = history[-1] if history else {}
-    if final:
+    if final and (args.stop_after_epoch is None or final["epoch"] >= args.epochs):
         print(
             f"final test accuracy {final['test_acc']:.4f} "
             f"(error {100 * (1 - final['test_acc']):.2f}%)"

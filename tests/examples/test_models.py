@@ -218,3 +218,73 @@ def test_one_training_step_is_the_same_in_both_backends(torch_model, name):
             lambda a, b: float(jnp.max(jnp.abs(a - b))), params, variables["params"]
         )
         assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# The digits CNN
+# ---------------------------------------------------------------------------------------
+
+
+def test_small_cnn_starts_from_the_same_weights_in_both_backends():
+    from examples.cnn_flax import init_variables
+    from examples.cnn_init import init_small_cnn
+    from examples.cnn_torch import SmallCNN
+
+    for seed in (0, 7):
+        converted = torch_to_flax(SmallCNN(seed))
+        own = jax.tree.map(np.asarray, init_variables(seed))
+        assert jax.tree.structure(converted) == jax.tree.structure(own)
+        for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(own), strict=True):
+            np.testing.assert_array_equal(a, b)  # the same float32 draws
+    # PyTorch's default scheme: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+    w = init_small_cnn(0)
+    for name, fan_in in (("conv1.weight", 9), ("conv2.weight", 288), ("fc1.weight", 1024),
+                         ("fc1.bias", 1024), ("fc2.weight", 128)):
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(w[name]).max() <= bound
+        assert np.abs(w[name]).max() > 0.9 * bound  # the whole range is used
+    assert not np.array_equal(init_small_cnn(0)["fc1.weight"], init_small_cnn(1)["fc1.weight"])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_small_cnn_converted_weights_give_same_logits_and_gradients(train):
+    from examples.cnn_flax import SmallCNN as FlaxCNN
+    from examples.cnn_torch import SmallCNN as TorchCNN
+
+    model = TorchCNN(seed=3).double()
+    gen = torch.Generator().manual_seed(2)
+    for m in model.modules():  # non-trivial BatchNorm state, so mistakes show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = 1 + 0.2 * torch.randn(m.weight.shape, generator=gen, dtype=torch.float64)
+            m.bias.data = 0.1 * torch.randn(m.bias.shape, generator=gen, dtype=torch.float64)
+            m.running_mean = 0.1 * torch.randn(m.running_mean.shape, generator=gen,
+                                               dtype=torch.float64)
+            m.running_var = 1 + torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64)
+    variables = torch_to_flax(model, np.float64)
+    model.train(train)
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((6, 8, 8, 1)), rng.integers(0, 10, 6)
+    logits_t = model(torch.tensor(x.transpose(0, 3, 1, 2)))
+    F.cross_entropy(logits_t, torch.tensor(y)).backward()
+    flax_model = FlaxCNN(10)
+    with jax_x64():
+
+        def loss_fn(params):
+            out = flax_model.apply(
+                {**variables, "params": params},
+                jnp.asarray(x),
+                train=train,
+                mutable=["batch_stats"] if train else False,
+            )
+            logits = out[0] if train else out
+            return smoothed_cross_entropy(logits, jnp.asarray(y), 0.0), logits
+
+        (_, logits_f), grads_f = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+            variables["params"]
+        )
+        assert logits_f.dtype == jnp.float64
+        np.testing.assert_allclose(
+            np.asarray(logits_f), logits_t.detach().numpy(), rtol=1e-10, atol=1e-12
+        )
+        _assert_trees_close(grads_f, _grads_as_flax(model), rtol=1e-8, atol=1e-12)
+    assert np.ptp(logits_t.detach().numpy()) > 0.1

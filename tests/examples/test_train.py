@@ -154,3 +154,78 @@ def test_jax_script_static_full_step_schedule_equals_the_count_based_one(
         # over the leaves; the schedule shifted by one step: up to 1.08 (and 2e-3 at least).
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         assert np.linalg.norm(x - y) <= 1e-2 * np.linalg.norm(y)
+
+
+# ---------------------------------------------------------------------------------------
+# The digits, label noise and m-sharpness
+# ---------------------------------------------------------------------------------------
+
+DIGITS = [
+    "--dataset",
+    "digits",
+    "--epochs",
+    "2",
+    "--lr",
+    "0.05",
+    "--schedule",
+    "cosine",
+    "--label-smoothing",
+    "0",
+    "--label-noise",
+    "0.4",
+    "--no-progress",
+    "--threads",
+    "1",
+]
+
+
+@pytest.mark.parametrize("module", [train_torch, train_jax], ids=["torch", "jax"])
+def test_scripts_train_sam_on_digits_with_label_noise_and_m_sharpness(module, tmp_path):
+    out = tmp_path / "run"
+    final = module.main(
+        [*DIGITS, "--optimizer", "sam", "--m-sharpness", "8", "--out", str(out)]
+    )
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["args"]["m_sharpness"] == 8 and saved["args"]["label_noise"] == 0.4
+    history = saved["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1] == {
+        **final, "epoch_time_s": history[-1]["epoch_time_s"]}
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"noisy_fit", "clean_fit"} <= set(rows[0])
+    for h in history:
+        # 512 of the 1,280 training labels are flipped: fractions of 512 and of 768.
+        assert h["noisy_fit"] * 512 == pytest.approx(round(h["noisy_fit"] * 512))
+        assert h["clean_fit"] * 768 == pytest.approx(round(h["clean_fit"] * 768))
+        assert 0 <= h["noisy_fit"] <= 1 and 0 <= h["clean_fit"] <= 1
+        assert h["sharpness"] > 0 and np.isfinite(h["train_loss"])
+    # Two epochs on the digits learn the clean labels far above chance (10 %), and the
+    # model agrees with the clean labels more than with the noisy ones.
+    assert history[-1]["clean_fit"] > 0.5 and history[-1]["test_acc"] > 0.5
+    assert history[-1]["noisy_fit"] < history[-1]["clean_fit"]
+
+
+def test_train_functions_write_nothing_without_out(tmp_path, monkeypatch):
+    from examples.cli import make_config
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    config = make_config(dataset="digits", optimizer="sgd", epochs=1, label_noise=0.4,
+                         threads=1)
+    history = train_torch.train(config, progress=seen.append)
+    assert seen == history and len(history) == 1 and history[0]["noisy_fit"] is not None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_digits_backends_start_equal_and_train_alike():
+    """The same data, labels, initial weights and schedule: one epoch of SGD gives the same
+    metrics in both backends up to float32 rounding of differently compiled programs."""
+    from examples.cli import make_config
+
+    config = make_config(dataset="digits", optimizer="sgd", epochs=1, label_noise=0.4,
+                         lr=0.05, label_smoothing=0.0, threads=1)
+    a, b = train_torch.train(config)[0], train_jax.train(config)[0]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-2)
+    for key in ("test_acc", "noisy_fit", "clean_fit", "train_acc"):
+        assert abs(a[key] - b[key]) < 0.02, key  # a few argmax ties at most

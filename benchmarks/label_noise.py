@@ -1,0 +1,878 @@
+"""SAM's generalization gain under label noise, in both backends (the label-noise study).
+
+    python -m benchmarks.label_noise --dataset digits                     # minutes on a CPU
+    python -m benchmarks.label_noise --dataset digits --sweep-rho         # justify rho
+    python -m benchmarks.label_noise --dataset cifar10 --data-dir DATA    # a CIFAR-10 subset
+    python -m benchmarks.label_noise --preset foret-table4 --data-dir DATA   # on a GPU
+
+A fraction of the training labels (40 % by default) is flipped to a uniformly drawn other
+class (:func:`examples.data.label_noise`, the same labels for every run: ``noise_seed`` is
+fixed); the test labels stay clean. Every optimizer gets the same data, epochs and learning
+rate schedule; each run is one call of :func:`examples.train_torch.train` or
+:func:`examples.train_jax.train` (the examples' training loops), in a worker process with one
+thread, ``--jobs`` at a time. Per epoch the runs record the test accuracy, ``noisy_fit``
+(the fraction of flipped training examples the model predicts as their noisy label: memorized
+noise) and ``clean_fit`` (the fraction of the other training examples predicted correctly),
+both in eval mode on the training set.
+
+Optimizers are registry names of :mod:`examples.optimizers`, optionally with ``/mM`` for
+m-sharpness (``sam/m16``: SAM whose perturbation is computed per chunk of 16 examples,
+:func:`sam_torch.m_sharpness_step` and its JAX counterpart).
+
+Output (``--out``, default ``benchmarks/results/label-noise``): ``results.json`` (every run
+with its history and the settings; accuracies as fractions), ``report.md`` (mean ± std over
+seeds per dataset, backend and optimizer, the target checks, the rho sweep, the commands and
+the hardware) and ``curves-<dataset>.png`` (test accuracy and ``noisy_fit`` per epoch, mean
+over seeds). Invocations merge into the same ``results.json`` (also when they run at the
+same time: each finished run is merged into the file under a lock): a run whose key
+(dataset, backend, optimizer, m, rho, seed, noise, epochs, training-set size) is already
+there when the invocation starts is **skipped**, unless ``--replace`` is given, in which
+case it is run again and replaces the old record. ``--report-only`` rewrites the report and plots from ``results.json``.
+
+References: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+Generalization", ICLR 2021 (Table 4: label noise; Fig. 3: m-sharpness); Baek, Kolter &
+Raghunathan, "Why is SAM Robust to Label Noise?", ICLR 2024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATASET_SETTINGS",
+    "PRESETS",
+    "OptimizerSpec",
+    "RunSpec",
+    "in_grid",
+    "main",
+    "merge_runs",
+    "parse_optimizer",
+    "plan_runs",
+    "run_key",
+    "summarize",
+    "write_report",
+]
+
+OUT = Path(__file__).resolve().parent / "results" / "label-noise"
+JAX_M_IMPL = "vectorized"
+DEFAULT_OPTIMIZERS = ("sgd", "sam", "sam/m16", "asam")
+
+#: The settings of each dataset: :func:`examples.cli.make_config` overrides shared by every
+#: optimizer, and ``rho`` per optimizer form (chosen by the sweep in the report).
+DATASET_SETTINGS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "config": {
+            "dataset": "digits",
+            "epochs": 40,
+            "batch_size": 128,
+            "lr": 0.05,
+            "schedule": "cosine",
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.0,
+            "label_noise": 0.4,
+        },
+        # SAM: 0.1 is the best of the sweep (0.05 leaves a third of the noise memorized,
+        # 0.2 does not train); see the report's sweep table.
+        "rho": {"sam": 0.1, "sam/m": 0.05, "asam": 0.5},
+        "sweep": {
+            "sam": (0.02, 0.05, 0.1, 0.2),
+            "sam/m16": (0.02, 0.05, 0.1, 0.2),
+            "asam": (0.2, 0.5, 1.0, 2.0),
+        },
+    },
+    "cifar10": {
+        "config": {
+            "dataset": "cifar10",
+            "depth": 16,
+            "width": 1,
+            "no_augment": True,
+            "limit_train": 1024,
+            "limit_test": 1000,
+            "epochs": 30,
+            "batch_size": 64,
+            "lr": 0.05,
+            "schedule": "cosine",
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.0,
+            "label_noise": 0.4,
+        },
+        "rho": {"sam": 0.1, "sam/m": 0.05, "asam": 0.5},
+        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.02, 0.05, 0.1), "asam": (0.5, 1.0)},
+    },
+}
+
+#: Configurations for a GPU (not run on a CPU): ``--preset NAME`` replaces the dataset's
+#: settings; ``noise_levels`` are run one after another.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Foret et al., Table 4: CIFAR-10 with 20-80 % symmetric noise, 200 epochs. Their model
+    # is a ResNet-32; the examples ship WideResNets, so WRN-16-8 stands in for it.
+    "foret-table4": {
+        "config": {
+            "dataset": "cifar10",
+            "depth": 16,
+            "width": 8,
+            "epochs": 200,
+            "batch_size": 128,
+            "lr": 0.1,
+            "schedule": "cosine",
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.0,
+        },
+        "noise_levels": (0.2, 0.4, 0.6, 0.8),
+        "rho": {"sam": 0.1, "sam/m": 0.05, "asam": 1.0},
+        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.02, 0.05, 0.1)},
+    },
+    # The clean WRN-16-8 setup of the seed table (the examples' defaults: step schedule,
+    # label smoothing 0.1, crop + flip + Cutout).
+    "wrn16-8-clean": {
+        "config": {
+            "dataset": "cifar10",
+            "depth": 16,
+            "width": 8,
+            "epochs": 200,
+            "batch_size": 128,
+            "lr": 0.1,
+            "schedule": "step",
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.1,
+        },
+        "noise_levels": (0.0,),
+        "rho": {"sam": 0.05, "sam/m": 0.05, "asam": 0.5},
+        "sweep": {"sam": (0.02, 0.05, 0.1)},
+    },
+}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registry name with an optional m-sharpness chunk size (``"sam/m16"``)."""
+
+    name: str
+    m: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.m is None else f"{self.name}/m{self.m}"
+
+    @property
+    def rho_key(self) -> str:
+        return self.name if self.m is None else f"{self.name}/m"
+
+    @property
+    def display(self) -> str:
+        base = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM"}.get(self.name, self.name)
+        return base if self.m is None else f"m-{base} (m={self.m})"
+
+
+def parse_optimizer(text: str) -> OptimizerSpec:
+    """``"sam"`` -> SAM; ``"sam/m16"`` -> SAM with m-sharpness 16 (validated names)."""
+    from examples.cli import optimizer_names
+
+    name, _, rest = text.strip().partition("/")
+    if name not in optimizer_names():
+        raise ValueError(f"optimizer must be one of {optimizer_names()}, got {name!r}")
+    if not rest:
+        return OptimizerSpec(name)
+    if not rest.startswith("m") or not rest[1:].isdigit() or int(rest[1:]) < 1:
+        raise ValueError(f"an m-sharpness suffix is '/m' and a positive integer, got {text!r}")
+    if name == "sgd":
+        raise ValueError(f"m-sharpness needs a SAM-family optimizer, got {text!r}")
+    return OptimizerSpec(name, int(rest[1:]))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study."""
+
+    dataset: str
+    backend: str
+    optimizer: OptimizerSpec
+    seed: int
+    rho: float
+    config: tuple[tuple[str, Any], ...]  # make_config overrides (hashable)
+    kind: str = "grid"  # "grid" or "sweep"
+
+    def overrides(self) -> dict[str, Any]:
+        values = dict(self.config)
+        values.update(
+            optimizer=self.optimizer.name,
+            m_sharpness=self.optimizer.m,
+            rho=self.rho,
+            seed=self.seed,
+        )
+        return values
+
+    def key(self) -> tuple[Any, ...]:
+        c = dict(self.config)
+        return run_key(
+            {
+                "dataset": self.dataset,
+                "backend": self.backend,
+                "optimizer": self.optimizer.name,
+                "m_sharpness": self.optimizer.m,
+                "rho": self.rho,
+                "seed": self.seed,
+                "label_noise": c.get("label_noise", 0.0),
+                "epochs": c["epochs"],
+                "n_train": c.get("limit_train"),
+            }
+        )
+
+
+def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a run in ``results.json`` (SGD's rho does not matter: 0)."""
+    rho = 0.0 if run["optimizer"] == "sgd" else round(float(run["rho"]), 6)
+    return (
+        run["dataset"],
+        run["backend"],
+        run["optimizer"],
+        run["m_sharpness"],
+        rho,
+        int(run["seed"]),
+        round(float(run["label_noise"]), 6),
+        int(run["epochs"]),
+        run.get("n_train"),
+    )
+
+
+def merge_runs(
+    existing: list[dict[str, Any]], new: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``existing`` with every run of ``new`` added; a new run replaces an existing one with
+    the same :func:`run_key` (the caller skips planned runs it does not want to replace)."""
+    merged = {run_key(r): r for r in existing}
+    for r in new:
+        merged[run_key(r)] = r
+    return list(merged.values())
+
+
+def settings_for(dataset: str, preset: str | None) -> dict[str, Any]:
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        return PRESETS[preset]
+    if dataset not in DATASET_SETTINGS:
+        raise ValueError(f"dataset must be one of {sorted(DATASET_SETTINGS)}, got {dataset!r}")
+    return DATASET_SETTINGS[dataset]
+
+
+def plan_runs(
+    settings: dict[str, Any],
+    optimizers: list[OptimizerSpec],
+    seeds: list[int],
+    backends: list[str],
+    *,
+    overrides: dict[str, Any] | None = None,
+    sweep: bool = False,
+    noise_levels: Iterable[float] | None = None,
+) -> list[RunSpec]:
+    """The runs of a grid (each optimizer at its dataset's rho) or of a rho sweep (the
+    sweep's optimizer forms that are in ``optimizers``, at each of their rhos), seeds
+    inner, so that an interrupted study has whole seeds of the first optimizers."""
+    base = {**settings["config"], **(overrides or {})}
+    levels = list(noise_levels or settings.get("noise_levels") or (base["label_noise"],))
+    runs = []
+    for noise in levels:
+        config = {**base, "label_noise": float(noise)}
+        if sweep:  # the sweep's forms that are among ``optimizers``
+            wanted = {o.label for o in optimizers}
+            forms = [
+                (parse_optimizer(k), tuple(v))
+                for k, v in settings["sweep"].items()
+                if k in wanted
+            ]
+        else:
+            forms = [(o, (settings["rho"].get(o.rho_key, 0.05),)) for o in optimizers]
+        for backend in backends:
+            for opt, rhos in forms:
+                for rho in rhos:
+                    for seed in seeds:
+                        runs.append(
+                            RunSpec(
+                                config["dataset"],
+                                backend,
+                                opt,
+                                seed,
+                                0.0 if opt.name == "sgd" else float(rho),
+                                tuple(sorted(config.items())),
+                                "sweep" if sweep else "grid",
+                            )
+                        )
+    return runs
+
+
+def _single_thread_env() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "intra_op_parallelism_threads" not in flags:
+        os.environ["XLA_FLAGS"] = (
+            flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
+
+
+def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
+    """Train one run (in this process) and return its ``results.json`` record."""
+    from examples.cli import make_config
+
+    if threads == 1:
+        _single_thread_env()
+    values = spec.overrides()
+    if spec.backend == "torch":
+        values["threads"] = threads
+        from examples import train_torch as trainer
+    elif spec.backend == "jax":
+        from examples import train_jax as trainer  # type: ignore[no-redef]
+    else:
+        raise ValueError(f"backend must be 'torch' or 'jax', got {spec.backend!r}")
+    if spec.backend == "jax" and values.get("m_sharpness"):
+        # Measured on the study's CPU: the vmap form runs these small convolutions 1.1x
+        # (WRN-16-1) to 5x (digits CNN) faster than the lax.scan form "auto" picks on CPU.
+        values.setdefault("m_sharpness_impl", JAX_M_IMPL)
+    config = make_config(**values)
+    started = time.perf_counter()
+    history = trainer.train(config)
+    wall = time.perf_counter() - started
+    final = history[-1]
+    c = dict(spec.config)
+    return {
+        "dataset": spec.dataset,
+        "backend": spec.backend,
+        "optimizer": spec.optimizer.name,
+        "m_sharpness": spec.optimizer.m,
+        "seed": spec.seed,
+        "label_noise": c.get("label_noise", 0.0),
+        "rho": spec.rho,
+        "kind": spec.kind,
+        "epochs": c["epochs"],
+        "n_train": c.get("limit_train"),
+        "final_test_acc": final["test_acc"],
+        "best_test_acc": max(h["test_acc"] for h in history),
+        "noisy_fit": final["noisy_fit"],
+        "clean_fit": final["clean_fit"],
+        "max_noisy_fit": max((h["noisy_fit"] or 0.0) for h in history),
+        "final_train_loss": final["train_loss"],
+        "wall_s": round(wall, 1),
+        "settings": {k: v for k, v in c.items() if k != "data_dir"},
+        "history": history,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Results, summary, report
+# ---------------------------------------------------------------------------------------
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"runs": [], "invocations": []}
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def update_results(
+    path: Path, runs: list[dict[str, Any]], invocation: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge ``runs`` and this invocation's record into ``results.json`` on disk, under an
+    exclusive lock, so that invocations running at the same time (e.g. one per backend)
+    all keep their runs. Returns the merged results."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The lock file lives in the temporary folder, not beside the results.
+    tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"label-noise-{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            results = load_results(path)
+            results["runs"] = merge_runs(results["runs"], runs)
+            others = [i for i in results.get("invocations", []) if i.get("id") != invocation["id"]]
+            results["invocations"] = [*others, dict(invocation)]
+            save_results(path, results)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return results
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model, logical CPUs and library versions (no paths, no host names)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    for module in ("numpy", "torch", "jax", "flax", "optax", "sklearn"):
+        try:
+            info[module] = __import__(module).__version__
+        except ImportError:
+            info[module] = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _label(run: dict[str, Any]) -> str:
+    return OptimizerSpec(run["optimizer"], run["m_sharpness"]).display
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def in_grid(run: dict[str, Any]) -> bool:
+    """Whether a run is one of the grid's: SGD, or the rho chosen for its optimizer form in
+    :data:`DATASET_SETTINGS` (from any invocation, sweep runs included), when the run has the
+    dataset's settings; otherwise (presets, ``--set``) whether it was planned as a grid run."""
+    settings = DATASET_SETTINGS.get(run["dataset"])
+    if settings is None or run.get("settings", {}).get("epochs", run["epochs"]) != settings[
+        "config"
+    ]["epochs"] or run.get("n_train") != settings["config"].get("limit_train"):
+        return run.get("kind", "grid") == "grid"
+    if run["optimizer"] == "sgd":
+        return True
+    key = OptimizerSpec(run["optimizer"], run["m_sharpness"]).rho_key
+    return key in settings["rho"] and abs(run["rho"] - settings["rho"][key]) < 1e-9
+
+
+def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds per (dataset, noise, backend,
+    optimizer, m, rho): of the grid's runs (:func:`in_grid`) with ``kind="grid"``, of every
+    run otherwise."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        if kind == "grid" and not in_grid(r):
+            continue
+        k = (
+            r["dataset"],
+            r["label_noise"],
+            r["epochs"],
+            r["backend"],
+            r["optimizer"],
+            r["m_sharpness"],
+            0.0 if r["optimizer"] == "sgd" else r["rho"],
+        )
+        groups.setdefault(k, []).append(r)
+    rows = []
+    for k, rs in groups.items():
+        row: dict[str, Any] = dict(
+            zip(
+                ("dataset", "label_noise", "epochs", "backend", "optimizer", "m_sharpness", "rho"),
+                k,
+                strict=True,
+            )
+        )
+        row["label"] = _label(rs[0])
+        row["seeds"] = sorted(r["seed"] for r in rs)
+        for metric in ("final_test_acc", "best_test_acc", "noisy_fit", "clean_fit"):
+            vals = [r[metric] for r in rs if r[metric] is not None]
+            row[metric] = _mean_std(vals) if vals else None
+        rows.append(row)
+    order = {"sgd": 0, "sam": 1, "asam": 3}
+    rows.sort(
+        key=lambda r: (
+            r["dataset"],
+            r["label_noise"],
+            r["backend"] != "torch",
+            order.get(r["optimizer"], 4) + (1 if r["m_sharpness"] else 0),
+            r["m_sharpness"] or 0,
+            r["rho"],
+        )
+    )
+    return rows
+
+
+def _pct(ms: tuple[float, float] | None) -> str:
+    return "–" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The study's targets on the grid means, one line each, with PASS or MISS."""
+    lines = []
+    by: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["dataset"], r["label_noise"], r["backend"]), {})[r["label"]] = r
+    for (dataset, noise, backend), table in sorted(by.items()):
+        sgd = table.get("SGD")
+        sam = table.get("SAM")
+        msams = [r for label, r in table.items() if label.startswith("m-SAM")]
+        if sgd is None or sam is None:
+            continue
+        s, a = 100 * sgd["final_test_acc"][0], 100 * sam["final_test_acc"][0]
+        seeds = min(len(r["seeds"]) for r in (sgd, sam, *msams))
+        head = f"{dataset}, {round(100 * noise)} % noise, {backend} ({seeds} seeds)"
+        if dataset == "digits":
+            ok = a >= s + 5
+            lines.append(f"- {head}: SAM {a:.1f} >= SGD {s:.1f} + 5: {'PASS' if ok else 'MISS'}")
+            for m in msams:
+                b = 100 * m["final_test_acc"][0]
+                ok = b >= a
+                lines.append(f"- {head}: {m['label']} {b:.1f} >= SAM {a:.1f}: "
+                             f"{'PASS' if ok else 'MISS'}")
+        else:
+            best = max([sam, *msams], key=lambda r: r["final_test_acc"][0])
+            b = 100 * best["final_test_acc"][0]
+            ok = b >= s + 5
+            lines.append(f"- {head}: best of SAM/m-SAM ({best['label']}) {b:.1f} >= SGD "
+                         f"{s:.1f} + 5: {'PASS' if ok else 'MISS'}")
+            nf = sgd["noisy_fit"]
+            if nf is not None:
+                lines.append(f"- {head}: SGD memorizes the noise (final noisy_fit "
+                             f"{100 * nf[0]:.1f} %): {'PASS' if nf[0] >= 0.9 else 'MISS'}")
+    # The backends agree within their seed spread: |mean_torch - mean_jax| <= sd_torch + sd_jax.
+    pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        pairs.setdefault((r["dataset"], r["label_noise"], r["label"], r["rho"]), {})[
+            r["backend"]] = r
+    for (dataset, noise, label, _), both in sorted(pairs.items()):
+        if {"torch", "jax"} <= set(both):
+            (mt, st), (mj, sj) = both["torch"]["final_test_acc"], both["jax"]["final_test_acc"]
+            ok = abs(mt - mj) <= st + sj
+            lines.append(
+                f"- {dataset}, {round(100 * noise)} % noise, {label}: torch {100 * mt:.1f} ± "
+                f"{100 * st:.1f} vs jax {100 * mj:.1f} ± {100 * sj:.1f} agree within the seed "
+                f"spread (|difference| <= sum of the two sds): {'PASS' if ok else 'MISS'}"
+            )
+    return lines
+
+
+def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    """``curves-<dataset>.png`` per dataset: test accuracy and noisy_fit per epoch, mean over
+    seeds per backend and optimizer (grid runs of the first noise level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset in sorted({r["dataset"] for r in runs}):
+        grid = [r for r in runs if r["dataset"] == dataset and in_grid(r)]
+        if not grid:
+            continue
+        noise = min(r["label_noise"] for r in grid if r["label_noise"] > 0) if any(
+            r["label_noise"] > 0 for r in grid
+        ) else 0.0
+        grid = [r for r in grid if r["label_noise"] == noise]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in grid:
+            groups.setdefault((r["backend"], _label(r)), []).append(r)
+        labels = sorted({k[1] for k in groups})
+        colors = {label: f"C{i}" for i, label in enumerate(labels)}
+        for (backend, label), rs in sorted(groups.items()):
+            epochs = min(len(r["history"]) for r in rs)
+            x = list(range(1, epochs + 1))
+            for ax, metric in zip(axes, ("test_acc", "noisy_fit"), strict=True):
+                ys = [
+                    statistics.fmean(100 * (r["history"][e][metric] or 0.0) for r in rs)
+                    for e in range(epochs)
+                ]
+                ax.plot(
+                    x,
+                    ys,
+                    color=colors[label],
+                    linestyle="-" if backend == "torch" else "--",
+                    label=f"{label}, {backend} ({len(rs)} seeds)",
+                )
+        axes[0].set_title(f"{dataset}, {round(100 * noise)} % label noise: test accuracy")
+        axes[0].set_ylabel("test accuracy (%)")
+        axes[1].set_title("noisy_fit: flipped training labels fitted")
+        axes[1].set_ylabel("noisy_fit (%)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        name = f"curves-{dataset}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _settings_line(runs: list[dict[str, Any]], dataset: str) -> str:
+    s = next(r["settings"] for r in runs if r["dataset"] == dataset)
+    keys = ("depth", "width", "limit_train", "limit_test", "no_augment", "epochs", "batch_size",
+            "lr", "schedule", "momentum", "weight_decay", "label_smoothing", "label_noise")
+    if dataset == "digits":
+        keys = tuple(k for k in keys if k not in ("depth", "width", "limit_train",
+                                                  "limit_test", "no_augment"))
+    return ", ".join(f"{k}={s[k]}" for k in keys if k in s)
+
+
+def write_report(results: dict[str, Any], out: Path) -> str:
+    """Write ``report.md`` and the curves from ``results``; return the report's text."""
+    runs = results["runs"]
+    rows = summarize(runs, "grid")
+    images = plot_curves(runs, out) if runs else []
+    lines = ["# Label-noise study", ""]
+    lines += [
+        "Symmetric label noise on the training set (test labels clean), the same labels, data, "
+        "epochs and learning-rate schedule for every optimizer; mean ± sample standard "
+        "deviation over seeds, in percent. `noisy_fit`: fraction of flipped training examples "
+        "predicted as their noisy label (memorization), `clean_fit`: fraction of the other "
+        "training examples predicted correctly; both in eval mode after the last epoch. "
+        "Written by `python -m benchmarks.label_noise` (see the commands below).",
+        "",
+    ]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        lines += [f"## {dataset}", "", f"Settings: {_settings_line(runs, dataset)}.", ""]
+        lines += [
+            "| backend | optimizer | rho | seeds | final test acc | best test acc "
+            "| noisy_fit | clean_fit |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r["dataset"] == dataset):
+            rho = "–" if r["optimizer"] == "sgd" else f"{r['rho']:g}"
+            lines.append(
+                f"| {r['backend']} | {r['label']} | {rho} | {len(r['seeds'])} "
+                f"| {_pct(r['final_test_acc'])} | {_pct(r['best_test_acc'])} "
+                f"| {_pct(r['noisy_fit'])} | {_pct(r['clean_fit'])} |"
+            )
+        if f"curves-{dataset}.png" in images:
+            lines += ["", f"![learning curves](curves-{dataset}.png)"]
+        lines.append("")
+    targets = check_targets(rows)
+    if targets:
+        lines += ["## Targets", "", *targets, ""]
+    every = [r for r in summarize(runs, "all") if r["optimizer"] != "sgd"]
+    rhos: dict[tuple[Any, ...], set[float]] = {}
+    for r in every:
+        rhos.setdefault((r["dataset"], r["label_noise"], r["backend"], r["label"]), set()).add(
+            r["rho"]
+        )
+    sweep = [
+        r
+        for r in every
+        if len(rhos[(r["dataset"], r["label_noise"], r["backend"], r["label"])]) > 1
+    ]
+    if sweep:
+        lines += [
+            "## rho sweep",
+            "",
+            "Every rho run of an optimizer form (grid and sweep runs); the grid above uses, per "
+            "dataset and form, the rho of `DATASET_SETTINGS` in `benchmarks/label_noise.py`, "
+            "chosen as the best final test accuracy of this sweep.",
+            "",
+            "| dataset | backend | optimizer | rho | seeds | final test acc | best test acc "
+            "| noisy_fit |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sweep:
+            lines.append(
+                f"| {r['dataset']} | {r['backend']} | {r['label']} | {r['rho']:g} "
+                f"| {len(r['seeds'])} | {_pct(r['final_test_acc'])} "
+                f"| {_pct(r['best_test_acc'])} | {_pct(r['noisy_fit'])} |"
+            )
+        lines.append("")
+    lines += ["## Commands and hardware", ""]
+    for inv in results.get("invocations", []):
+        hw = inv["hardware"]
+        lines.append(
+            f"- `{inv['command']}` ({inv['started']}; {inv['runs_done']} runs, "
+            f"{inv['wall_min']:.1f} min wall, {inv['jobs']} at a time, 1 thread each) on "
+            f"{hw['cpu']}, {hw['logical_cpus']} logical CPUs"
+            + (f", {hw['gpu']}" if hw.get("gpu") else "")
+            + f"; torch {hw['torch']}, jax {hw['jax']}, flax {hw['flax']}"
+        )
+    lines.append("")
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="SAM vs SGD under label noise, both backends, several seeds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", choices=sorted(DATASET_SETTINGS), default="digits")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a full-scale configuration for a GPU (replaces the dataset settings)")
+    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                   help="registry names, '/mM' for m-sharpness (e.g. sam/m16)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--backends", default="torch,jax")
+    p.add_argument("--label-noise", default=None, help="comma-separated fractions (default: "
+                   "the dataset's 0.4, or the preset's levels)")
+    p.add_argument("--sweep-rho", action="store_true",
+                   help="run the dataset's rho sweep (its forms among --optimizers) instead of "
+                   "the grid")
+    p.add_argument("--rho", default=None, help="rho overrides, e.g. sam=0.1,sam/m=0.05")
+    p.add_argument("--set", default=None, metavar="KEY=VALUE,...",
+                   help="override training settings (e.g. epochs=20,limit_train=1024)")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--replace", action="store_true",
+                   help="rerun runs already in results.json and replace them (default: skip)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--out", default=str(OUT))
+    return p
+
+
+def _parse_set(text: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        parsed: Any = value
+        for cast in (int, float):
+            try:
+                parsed = cast(value)
+                break
+            except ValueError:
+                continue
+        if value in ("true", "false", "True", "False"):
+            parsed = value.lower() == "true"
+        out[key.strip()] = parsed
+    return out
+
+
+def _command(argv: list[str]) -> str:
+    """The command line as recorded: without the values of --data-dir and --out (local
+    paths)."""
+    tokens, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token in ("--data-dir", "--out"):
+            skip = True
+            continue
+        if token.startswith(("--data-dir=", "--out=")):
+            continue
+        tokens.append(token)
+    return " ".join(["python -m benchmarks.label_noise", *tokens])
+
+
+def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    path = out / "results.json"
+    results = load_results(path)
+    if args.report_only:
+        write_report(results, out)
+        return results
+    settings = dict(settings_for(args.dataset, args.preset))
+    if args.rho:
+        settings["rho"] = {**settings["rho"], **{
+            k: float(v) for k, _, v in (i.partition("=") for i in args.rho.split(","))}}
+    overrides = _parse_set(args.set)
+    if settings["config"]["dataset"] != "digits":
+        overrides["data_dir"] = args.data_dir
+    optimizers = [parse_optimizer(o) for o in args.optimizers.split(",") if o.strip()]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in ("torch", "jax"):
+            raise SystemExit(f"--backends must name torch and/or jax, got {b!r}")
+    noise = _floats(args.label_noise) if args.label_noise else None
+    plan = plan_runs(settings, optimizers, _ints(args.seeds), backends, overrides=overrides,
+                     sweep=args.sweep_rho, noise_levels=noise)
+    done = {run_key(r) for r in results["runs"]}
+    todo = [s for s in plan if args.replace or s.key() not in done]
+    log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {path.name}, "
+        f"{len(todo)} to run, {args.jobs} at a time")
+    invocation = {
+        "id": f"{time.time():.6f}-{os.getpid()}",
+        "command": _command(argv if argv is not None else sys.argv[1:]),
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": hardware(),
+        "jobs": args.jobs,
+        "runs_done": 0,
+        "wall_min": 0.0,
+    }
+    started = time.perf_counter()
+
+    def record(run: dict[str, Any]) -> None:
+        nonlocal results
+        invocation["runs_done"] += 1
+        invocation["wall_min"] = round((time.perf_counter() - started) / 60, 2)
+        results = update_results(path, [run], invocation)
+        log(f"[{invocation['runs_done']}/{len(todo)}] {run['dataset']} {run['backend']} "
+            f"{_label(run)} rho {run['rho']:g} seed {run['seed']}: final "
+            f"{100 * run['final_test_acc']:.1f} best {100 * run['best_test_acc']:.1f} "
+            f"noisy_fit {100 * (run['noisy_fit'] or 0):.1f} ({run['wall_s']:.0f} s)")
+
+    failures = []
+    if args.jobs <= 1:
+        for spec in todo:
+            record(execute(spec))
+    else:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"),
+                                 initializer=_single_thread_env) as pool:
+            futures = {pool.submit(execute, spec): spec for spec in todo}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    if f.exception() is not None:  # keep the other runs going
+                        spec = futures[f]
+                        failures.append(f"{spec.backend} {spec.optimizer.label} seed "
+                                        f"{spec.seed}: {f.exception()!r}")
+                        log(f"FAILED {failures[-1]}")
+                    else:
+                        record(f.result())
+    if todo:
+        results = update_results(path, [], invocation)
+    write_report(results, out)
+    if failures:
+        raise SystemExit(f"{len(failures)} runs failed: " + "; ".join(failures))
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
