@@ -106,6 +106,7 @@ def m_sharpness_update(
     impl: Literal["auto", "scan", "vmap"] = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    unroll: bool | int = True,
     **extra_args: Any,
 ) -> tuple[optax.Updates, optax.OptState, jax.Array, Any]:
     r"""One m-sharpness SAM update: ``(updates, new_opt_state, loss, aux)``.
@@ -167,6 +168,14 @@ def m_sharpness_update(
             stacked over the chunks (leading dimension :math:`k`).
         chunk_size: with ``impl="vmap"``, run at most this many chunks at once (a scan over
             groups of ``chunk_size`` vmapped chunks); must divide :math:`k`.
+        unroll: ``lax.scan``'s ``unroll`` for the loop over chunks (or groups of chunks).
+            ``True`` (default): the loop is unrolled into straight-line code, one copy of the
+            forward-backward passes per chunk; compile time grows with :math:`k`, but on
+            XLA:CPU a rolled loop of convolutions measured about 20x slower per chunk
+            (WRN-16-2, ``benchmarks/results/m-sharpness/``), and XLA:CPU then keeps about one
+            parameter-sized buffer per chunk alive (scratch memory grows with :math:`k`).
+            ``1``: a rolled loop, compiled once whatever :math:`k`, scratch memory of one
+            chunk (e.g. for accelerators, or many small chunks of an MLP).
         **extra_args: passed on to ``tx.update`` (for transformations later in the chain).
 
     Returns:
@@ -184,6 +193,8 @@ def m_sharpness_update(
     sam_core.check_bool("has_aux", has_aux)
     if chunk_size is not None:
         sam_core.check_positive_int("chunk_size", chunk_size)
+    if not isinstance(unroll, bool):
+        sam_core.check_positive_int("unroll", unroll)
     _check_state(opt_state)
     k, m = _chunks(batch, m)
     if impl == "auto":
@@ -236,7 +247,7 @@ def m_sharpness_update(
     if k // group == 1:
         grad_sum, (losses, aux, p_losses, norms) = body(acc, jax.tree.map(lambda x: x[0], chunked))
     else:
-        grad_sum, (losses, aux, p_losses, norms) = jax.lax.scan(body, acc, chunked)
+        grad_sum, (losses, aux, p_losses, norms) = jax.lax.scan(body, acc, chunked, unroll=unroll)
     flat = lambda x: jnp.reshape(x, (k, *jnp.shape(x)[2:])) if k // group > 1 else x  # noqa: E731
     losses, p_losses, norms = flat(losses), flat(p_losses), flat(norms)
     aux = jax.tree.map(flat, aux) if has_aux else None
