@@ -70,6 +70,7 @@ import sam_core
 
 from ._ops import accumulation_dtype
 from ._sam import SAMState
+from ._variants import SAMONState
 
 __all__ = ["chunk_batch", "m_sharpness_update"]
 
@@ -151,7 +152,9 @@ def m_sharpness_update(
 
     Args:
         tx: the chain, with :func:`sam_jax.sam` (no ``axis_name``) first, exactly as for batch
-            SAM. The sam_jax variants (``gsam``, ``wsam``, ...) raise ``TypeError``.
+            SAM, or :func:`sam_jax.samon` (each chunk perturbs the masked parameters with
+            its own gradient). The other variants (``gsam``, ``wsam``, ``friendly_sam``,
+            ``vasso``, ``looksam``, ``every_k_sam``, ``momentum_sam``) raise ``TypeError``.
         loss_fn: ``loss_fn(params, chunk)`` returns the chunk's **mean** loss, or
             ``(loss, aux)`` with ``has_aux=True``; it sees one chunk (leaves of shape
             ``(m, ...)``) and is differentiated with respect to ``params``.
@@ -264,10 +267,9 @@ def m_sharpness_update(
         **extra_args,
     )
     new_state = jax.tree.map(
-        lambda s: s._replace(grad_norm=grad_norm.astype(s.grad_norm.dtype))
-        if isinstance(s, SAMState) else s,
+        lambda s: s._replace(grad_norm=grad_norm.astype(s.grad_norm.dtype)) if _is_sam(s) else s,
         new_state,
-        is_leaf=lambda s: isinstance(s, SAMState),
+        is_leaf=_is_sam,
     )
     return updates, new_state, loss, aux
 
@@ -297,7 +299,6 @@ def _chunks(batch: Any, m: Any) -> tuple[int, int]:
 _VARIANTS = {
     "GSAMState": "gsam (its ascent gradient is decomposed against the whole batch's)",
     "WSAMState": "wsam (it mixes the whole batch's clean and perturbed gradients)",
-    "SAMONState": "samon (it does not perturb with the gradient)",
     "FriendlySAMState": "friendly_sam (a momentum of full-batch gradients across steps)",
     "VaSSOState": "vasso (a moving average of full-batch gradients across steps)",
     "LookSAMState": "looksam (reuses a perturbed-gradient component across steps)",
@@ -306,8 +307,13 @@ _VARIANTS = {
 }
 
 
+def _is_sam(x: Any) -> bool:
+    """sam's state, or samon's (SAM on a mask of the parameters: defined per chunk too)."""
+    return isinstance(x, (SAMState, SAMONState))
+
+
 def _is_state(x: Any) -> bool:
-    return isinstance(x, SAMState) or type(x).__name__ in _VARIANTS
+    return _is_sam(x) or type(x).__name__ in _VARIANTS
 
 
 def _check_state(opt_state: Any) -> None:
@@ -320,15 +326,14 @@ def _check_state(opt_state: Any) -> None:
                 "with its own gradient is not defined for it. Use sam_jax.sam (adaptive=True "
                 "for ASAM) first in the chain."
             )
-    if sum(isinstance(s, SAMState) for s in found) != 1:
+    if sum(_is_sam(s) for s in found) != 1:
         raise TypeError(
-            "m_sharpness_update needs tx = optax.chain(sam_jax.sam(...), ...) with exactly one "
-            f"sam_jax.sam, and its state; found {sum(isinstance(s, SAMState) for s in found)} "
-            "SAMState in opt_state (pass tx.init(params)'s state)"
+            "m_sharpness_update needs tx = optax.chain(sam_jax.sam(...), ...) (or "
+            "sam_jax.samon) with exactly one of them, and its state; found "
+            f"{sum(_is_sam(s) for s in found)} SAMState in opt_state (pass tx.init(params)'s "
+            "state)"
         )
 
 
-def _sam_state(state: Any) -> SAMState:
-    return next(
-        s for s in jax.tree.leaves(state, is_leaf=_is_state) if isinstance(s, SAMState)
-    )
+def _sam_state(state: Any) -> Any:
+    return next(s for s in jax.tree.leaves(state, is_leaf=_is_state) if _is_sam(s))

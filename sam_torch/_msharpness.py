@@ -32,6 +32,7 @@ import sam_core
 from ._bn import disable_running_stats
 from ._ops import TorchOps
 from ._sam import SAM, _finite_flag
+from ._variants import SAMON
 
 __all__ = ["m_sharpness_step"]
 
@@ -48,7 +49,6 @@ _NOT_VECTORIZABLE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDi
 _UNSUPPORTED = {
     "GSAM": "its ascent gradient is decomposed against the clean gradient of the whole batch",
     "WSAM": "it mixes the clean and perturbed gradients of the whole batch with a weight",
-    "SAMON": "it does not perturb with the gradient",
     "FriendlySAM": "its perturbation subtracts a momentum of full-batch gradients kept across steps",
     "VaSSO": "its perturbation follows a moving average of full-batch gradients kept across steps",
     "LookSAM": "it reuses one perturbed-gradient component across steps",
@@ -121,9 +121,10 @@ def m_sharpness_step(
 
     Args:
         optimizer: a :class:`~sam_torch.SAM` (SAM or ASAM, any base optimizer, any param
-            groups). The variants whose definition needs the whole batch's gradient or state
-            across steps (GSAM, WSAM, SAMON, FriendlySAM, VaSSO, LookSAM, EveryKSAM,
-            MomentumSAM) and ``ScaledSAM`` raise ``TypeError``.
+            groups) or :class:`~sam_torch.SAMON` (each chunk perturbs the masked parameters
+            with its own gradient). The variants whose definition needs the whole batch's
+            gradients or state carried across steps (GSAM, WSAM, FriendlySAM, VaSSO,
+            LookSAM, EveryKSAM, MomentumSAM) and ``ScaledSAM`` raise ``TypeError``.
         model: the module ``loss_fn`` calls; its parameters in the optimizer's groups are
             the ones perturbed and stepped.
         loss_fn: ``loss_fn(model, chunk)`` returns the chunk's **mean** loss (a 0-d tensor)
@@ -160,7 +161,7 @@ def m_sharpness_step(
         raise TypeError(
             f"loss_fn must be callable as loss_fn(model, chunk), got {type(loss_fn).__name__}"
         )
-    if vectorize not in (True, False, "auto"):
+    if not (isinstance(vectorize, bool) or vectorize == "auto"):
         raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
     if chunk_size is not None:
         sam_core.check_positive_int("chunk_size", chunk_size)
@@ -362,7 +363,10 @@ def _vectorized_step(
     from torch.func import functional_call, grad, vmap
 
     names = {p: n for n, p in model.named_parameters(remove_duplicate=True)}
-    plan = []  # per group with parameters: (group, ops, names of its params)
+    # SAM-ON perturbs (and takes the norm over) its masked parameters only.
+    mask = getattr(optimizer, "_mask", None) if isinstance(optimizer, SAMON) else None
+    plan = []  # per group with perturbed parameters: (group, ops, names of those params)
+    opt_names = []  # every optimized parameter: all get the perturbed-point gradient
     for group in optimizer.param_groups:
         group_names = []
         for p in group["params"]:
@@ -375,14 +379,15 @@ def _vectorized_step(
                     f"{tuple(p.shape)}) that is not a parameter of model; pass the model "
                     "whose parameters the optimizer was built on"
                 )
-            group_names.append(name)
+            opt_names.append(name)
+            if mask is None or id(p) in mask:
+                group_names.append(name)
         if group_names:
             p0 = dict(model.named_parameters())[group_names[0]]
             ops = _VmapOps(p0.device, p0.dtype, foreach=False, host_reads=False)
             plan.append((group, ops, group_names))
     if not plan:
         raise ValueError("m_sharpness_step: no parameter of the optimizer requires a gradient")
-    opt_names = [n for _, _, ns in plan for n in ns]
     opt_set = set(opt_names)
     frozen = {
         "model." + n: p.detach() for n, p in model.named_parameters() if n not in opt_set
@@ -423,7 +428,7 @@ def _vectorized_step(
             directions.append(d)
             sq_norm = sq if sq_norm is None else sq_norm + sq
         norm = torch.sqrt(sq_norm)
-        out = {}
+        out = dict(w)  # parameters outside the plan (SAM-ON's unmasked ones) stay at w
         for (group, ops, ns), d in zip(plan, directions, strict=True):
             scale = sam_core.perturbation_scale(group["rho"], norm, group["sam_eps"])
             ws = [w["model." + n] for n in ns]

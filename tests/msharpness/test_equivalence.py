@@ -153,3 +153,40 @@ def test_nnx_recipe_equals_linen(impl):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
     # the statistics moved (from the clean passes), and not to the whole batch's
     assert not np.allclose(model.bn.mean[...], state.batch_stats["BatchNorm_0"]["mean"])
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["SAM-ON", "ASAM-ON"])
+def test_samon_torch_and_jax_agree(adaptive):
+    """SAM-ON with the MLP's second layer as the mask, m = 4, both backends."""
+    model = helpers.torch_mlp()
+    opt = sam_torch.SAMON(
+        model.parameters(), torch.optim.SGD, rho=0.3, adaptive=adaptive,
+        norm_params=list(model[2].parameters()), lr=LR, momentum=MOMENTUM, weight_decay=WD,
+    )
+    for x, t in _batches("mlp"):
+        sam_torch.m_sharpness_step(
+            opt, model, lambda mod, c: ((mod(c[0]) - c[1]) ** 2).mean(),
+            (torch.from_numpy(x), torch.from_numpy(t)), m=M, vectorize=False,
+        )
+    torch_params = [p.detach().numpy() for p in model.parameters()]
+    with helpers.jax_x64():
+        module = helpers.flax_mlp()
+        params = helpers.mlp_params_from_torch(helpers.torch_mlp())["params"]
+        mask = {"fc1": {"kernel": False, "bias": False}, "fc2": {"kernel": True, "bias": True}}
+        tx = optax.chain(
+            sam_jax.samon(0.3, mask=mask, adaptive=adaptive), optax.add_decayed_weights(WD),
+            optax.sgd(LR, momentum=MOMENTUM),
+        )
+        state = tx.init(params)
+
+        def loss_fn(p, chunk):
+            return jnp.mean((module.apply({"params": p}, chunk[0]) - chunk[1]) ** 2)
+
+        for x, t in _batches("mlp"):
+            updates, state, _, _ = sam_jax.m_sharpness_update(
+                tx, loss_fn, params, state, (jnp.asarray(x), jnp.asarray(t)), m=M
+            )
+            params = optax.apply_updates(params, updates)
+        jax_params = helpers.mlp_params_to_torch_layout({"params": params})
+    assert helpers.max_rel_diff(jax_params, torch_params) < 1e-11
+    assert float(opt.grad_norm) == pytest.approx(float(state[0].grad_norm), rel=1e-11)
