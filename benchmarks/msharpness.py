@@ -534,8 +534,11 @@ def report(result: dict[str, Any]) -> str:
         f"Date: {result['date_utc']}.",
         "",
     ]
-    if result.get("command"):
-        lines += [f"Command: `{result['command']}`", ""]
+    for command in result.get("commands") or [result.get("command")]:
+        if command:
+            lines += [f"Command: `{command}`", ""]
+    if result.get("notes"):
+        lines += [result["notes"], ""]
     for backend in ("torch", "jax"):
         res = result.get(backend)
         if res is None:

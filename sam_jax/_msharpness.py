@@ -31,11 +31,12 @@ One call per training step, with the same ``tx`` as batch SAM::
         return optax.apply_updates(params, updates), opt_state, loss
 
 Two execution forms, the same numbers (``impl=``): ``"scan"``, a ``lax.scan`` over the chunks
-accumulating the perturbed gradients (one chunk at a time: shared-weight kernels, memory of
-one chunk); ``"vmap"``, one ``jax.vmap`` over the chunks (every chunk has its own perturbed
-weights, so convolutions become batched-weight ones; ``chunk_size`` bounds how many chunks run
-at once). ``"auto"`` picks the form measured faster on the backend
-(``benchmarks/results/m-sharpness/``): ``"scan"`` on CPU, ``"vmap"`` elsewhere.
+accumulating the perturbed gradients (one chunk at a time: shared-weight kernels; unrolled by
+default, ``unroll=1`` for a rolled loop with the memory of one chunk); ``"vmap"``, one
+``jax.vmap`` over the chunks (every chunk has its own perturbed weights, so convolutions become
+batched-weight ones; ``chunk_size`` bounds how many chunks run at once). ``"auto"`` picks the
+form measured faster on the backend (``benchmarks/results/m-sharpness/``): ``"scan"`` on CPU,
+``"vmap"`` elsewhere (not measured here).
 
 The named-axis form, for code that already maps over chunks (or shards, under ``shard_map``)
 is what ``sam(axis_name=..., m_sharpness=True)`` computes::
