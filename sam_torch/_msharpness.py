@@ -36,11 +36,13 @@ from ._variants import SAMON
 
 __all__ = ["m_sharpness_step"]
 
-#: Per device type, the path ``vectorize="auto"`` takes, from
-#: ``benchmarks/results/m-sharpness/`` (WRN-16-2, batch 128, m in {4, 16, 32}): on CPU the loop
-#: over chunks keeps shared-weight convolutions and is the faster path at every m; on
-#: accelerators the vectorized path runs the k chunks as one batched kernel.
-_AUTO_VECTORIZE = {"cpu": False}
+#: Per device type, whether ``vectorize="auto"`` takes the vectorized path (the loop stays the
+#: fallback). From ``benchmarks/results/m-sharpness/`` (WRN-16-2, batch 128, 2 CPU threads):
+#: on CPU the vectorized path measured faster at every m (1.39-1.66x a batch-SAM step against
+#: 2.4-6.0x for the loop: convolutions at batch m cost 1.4-2.9x per example what they cost at
+#: batch 128, and the vectorized path runs them as one batched-weight kernel); other devices
+#: were not measured and get the vectorized path, one kernel for the k chunks.
+_AUTO_VECTORIZE = {"cpu": True}
 
 #: Models the vectorized path failed on under ``"auto"``, with the reason (warned once each).
 _NOT_VECTORIZABLE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
@@ -138,8 +140,12 @@ def m_sharpness_step(
             ``torch.func.vmap`` over the chunks of ``grad`` through ``functional_call``
             (per-chunk weights, so convolutions become batched-weight ones); the same
             numbers (float64 to 1e-12). ``"auto"``: the path measured faster on the device
-            (the loop on CPU; the vectorized path elsewhere), falling back to the loop, with
-            a one-time warning that says why, for a model the vectorized path cannot run.
+            (the vectorized path on CPU, by ``benchmarks/results/m-sharpness/``, and
+            elsewhere), falling back to the loop, with a one-time warning that says why,
+            for a model the vectorized path cannot run. The vectorized path holds the
+            per-chunk perturbed weights and activations of ``chunk_size`` chunks at once
+            (WRN-16-2, batch 128: about 1 GiB more peak memory than the loop); pass
+            ``vectorize=False`` or a ``chunk_size`` where memory is short.
         chunk_size: with the vectorized path, at most this many chunks are computed at once
             (``torch.func.vmap``'s ``chunk_size``; bounds memory). ``None``: all k at once.
 
@@ -440,6 +446,7 @@ def _vectorized_step(
         bufs = {**bufs, **{n: b.clone() for n, b in counters.items()}}
         def clean(w_: dict[str, Tensor], b_: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             loss = functional_call(module, {**w_, **frozen, **b_}, (chunk,))
+            _check_loss(loss)
             return loss, loss
 
         def perturbed(w_: dict[str, Tensor], b_: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

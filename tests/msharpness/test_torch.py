@@ -451,5 +451,17 @@ def test_auto_falls_back_to_the_loop_once_with_a_reason(monkeypatch):
         sam_torch.m_sharpness_step(opt, Branchy().double(), _ce_loss, (x, y), m=2, vectorize=True)
 
 
-def test_auto_is_the_loop_on_cpu():
-    assert _msharpness._AUTO_VECTORIZE["cpu"] is False
+def test_auto_takes_the_measured_path_on_cpu(monkeypatch):
+    """On CPU "auto" runs the vectorized path (benchmarks/results/m-sharpness/)."""
+    calls = []
+    real = _msharpness._vectorized_step
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_msharpness, "_vectorized_step", spy)
+    model, x, y = _bn_model_and_data()
+    opt = _sam(_bn_groups(model, False))
+    sam_torch.m_sharpness_step(opt, model, _ce_loss, (x, y), m=4)
+    assert calls == [1]
