@@ -31,11 +31,12 @@ One call per training step, with the same ``tx`` as batch SAM::
         return optax.apply_updates(params, updates), opt_state, loss
 
 Two execution forms, the same numbers (``impl=``): ``"scan"``, a ``lax.scan`` over the chunks
-accumulating the perturbed gradients (one chunk at a time: shared-weight kernels, memory of
-one chunk); ``"vmap"``, one ``jax.vmap`` over the chunks (every chunk has its own perturbed
-weights, so convolutions become batched-weight ones; ``chunk_size`` bounds how many chunks run
-at once). ``"auto"`` picks the form measured faster on the backend
-(``benchmarks/results/m-sharpness/``): ``"scan"`` on CPU, ``"vmap"`` elsewhere.
+accumulating the perturbed gradients (one chunk at a time: shared-weight kernels; unrolled by
+default, ``unroll=1`` for a rolled loop with the memory of one chunk); ``"vmap"``, one
+``jax.vmap`` over the chunks (every chunk has its own perturbed weights, so convolutions become
+batched-weight ones; ``chunk_size`` bounds how many chunks run at once). ``"auto"`` picks the
+form measured faster on the backend (``benchmarks/results/m-sharpness/``): ``"scan"`` on CPU,
+``"vmap"`` elsewhere (not measured here).
 
 The named-axis form, for code that already maps over chunks (or shards, under ``shard_map``)
 is what ``sam(axis_name=..., m_sharpness=True)`` computes::
@@ -70,6 +71,7 @@ import sam_core
 
 from ._ops import accumulation_dtype
 from ._sam import SAMState
+from ._variants import SAMONState
 
 __all__ = ["chunk_batch", "m_sharpness_update"]
 
@@ -106,6 +108,7 @@ def m_sharpness_update(
     impl: Literal["auto", "scan", "vmap"] = "auto",
     has_aux: bool = False,
     chunk_size: int | None = None,
+    unroll: bool | int = True,
     **extra_args: Any,
 ) -> tuple[optax.Updates, optax.OptState, jax.Array, Any]:
     r"""One m-sharpness SAM update: ``(updates, new_opt_state, loss, aux)``.
@@ -150,7 +153,9 @@ def m_sharpness_update(
 
     Args:
         tx: the chain, with :func:`sam_jax.sam` (no ``axis_name``) first, exactly as for batch
-            SAM. The sam_jax variants (``gsam``, ``wsam``, ...) raise ``TypeError``.
+            SAM, or :func:`sam_jax.samon` (each chunk perturbs the masked parameters with
+            its own gradient). The other variants (``gsam``, ``wsam``, ``friendly_sam``,
+            ``vasso``, ``looksam``, ``every_k_sam``, ``momentum_sam``) raise ``TypeError``.
         loss_fn: ``loss_fn(params, chunk)`` returns the chunk's **mean** loss, or
             ``(loss, aux)`` with ``has_aux=True``; it sees one chunk (leaves of shape
             ``(m, ...)``) and is differentiated with respect to ``params``.
@@ -167,6 +172,14 @@ def m_sharpness_update(
             stacked over the chunks (leading dimension :math:`k`).
         chunk_size: with ``impl="vmap"``, run at most this many chunks at once (a scan over
             groups of ``chunk_size`` vmapped chunks); must divide :math:`k`.
+        unroll: ``lax.scan``'s ``unroll`` for the loop over chunks (or groups of chunks).
+            ``True`` (default): the loop is unrolled into straight-line code, one copy of the
+            forward-backward passes per chunk; compile time grows with :math:`k`, but on
+            XLA:CPU a rolled loop of convolutions measured about 20x slower per chunk
+            (WRN-16-2, ``benchmarks/results/m-sharpness/``), and XLA:CPU then keeps about one
+            parameter-sized buffer per chunk alive (scratch memory grows with :math:`k`).
+            ``1``: a rolled loop, compiled once whatever :math:`k`, scratch memory of one
+            chunk (e.g. for accelerators, or many small chunks of an MLP).
         **extra_args: passed on to ``tx.update`` (for transformations later in the chain).
 
     Returns:
@@ -184,6 +197,8 @@ def m_sharpness_update(
     sam_core.check_bool("has_aux", has_aux)
     if chunk_size is not None:
         sam_core.check_positive_int("chunk_size", chunk_size)
+    if not isinstance(unroll, bool):
+        sam_core.check_positive_int("unroll", unroll)
     _check_state(opt_state)
     k, m = _chunks(batch, m)
     if impl == "auto":
@@ -236,7 +251,7 @@ def m_sharpness_update(
     if k // group == 1:
         grad_sum, (losses, aux, p_losses, norms) = body(acc, jax.tree.map(lambda x: x[0], chunked))
     else:
-        grad_sum, (losses, aux, p_losses, norms) = jax.lax.scan(body, acc, chunked)
+        grad_sum, (losses, aux, p_losses, norms) = jax.lax.scan(body, acc, chunked, unroll=unroll)
     flat = lambda x: jnp.reshape(x, (k, *jnp.shape(x)[2:])) if k // group > 1 else x  # noqa: E731
     losses, p_losses, norms = flat(losses), flat(p_losses), flat(norms)
     aux = jax.tree.map(flat, aux) if has_aux else None
@@ -253,10 +268,9 @@ def m_sharpness_update(
         **extra_args,
     )
     new_state = jax.tree.map(
-        lambda s: s._replace(grad_norm=grad_norm.astype(s.grad_norm.dtype))
-        if isinstance(s, SAMState) else s,
+        lambda s: s._replace(grad_norm=grad_norm.astype(s.grad_norm.dtype)) if _is_sam(s) else s,
         new_state,
-        is_leaf=lambda s: isinstance(s, SAMState),
+        is_leaf=_is_sam,
     )
     return updates, new_state, loss, aux
 
@@ -286,7 +300,6 @@ def _chunks(batch: Any, m: Any) -> tuple[int, int]:
 _VARIANTS = {
     "GSAMState": "gsam (its ascent gradient is decomposed against the whole batch's)",
     "WSAMState": "wsam (it mixes the whole batch's clean and perturbed gradients)",
-    "SAMONState": "samon (it does not perturb with the gradient)",
     "FriendlySAMState": "friendly_sam (a momentum of full-batch gradients across steps)",
     "VaSSOState": "vasso (a moving average of full-batch gradients across steps)",
     "LookSAMState": "looksam (reuses a perturbed-gradient component across steps)",
@@ -295,8 +308,13 @@ _VARIANTS = {
 }
 
 
+def _is_sam(x: Any) -> bool:
+    """sam's state, or samon's (SAM on a mask of the parameters: defined per chunk too)."""
+    return isinstance(x, (SAMState, SAMONState))
+
+
 def _is_state(x: Any) -> bool:
-    return isinstance(x, SAMState) or type(x).__name__ in _VARIANTS
+    return _is_sam(x) or type(x).__name__ in _VARIANTS
 
 
 def _check_state(opt_state: Any) -> None:
@@ -309,15 +327,14 @@ def _check_state(opt_state: Any) -> None:
                 "with its own gradient is not defined for it. Use sam_jax.sam (adaptive=True "
                 "for ASAM) first in the chain."
             )
-    if sum(isinstance(s, SAMState) for s in found) != 1:
+    if sum(_is_sam(s) for s in found) != 1:
         raise TypeError(
-            "m_sharpness_update needs tx = optax.chain(sam_jax.sam(...), ...) with exactly one "
-            f"sam_jax.sam, and its state; found {sum(isinstance(s, SAMState) for s in found)} "
-            "SAMState in opt_state (pass tx.init(params)'s state)"
+            "m_sharpness_update needs tx = optax.chain(sam_jax.sam(...), ...) (or "
+            "sam_jax.samon) with exactly one of them, and its state; found "
+            f"{sum(_is_sam(s) for s in found)} SAMState in opt_state (pass tx.init(params)'s "
+            "state)"
         )
 
 
-def _sam_state(state: Any) -> SAMState:
-    return next(
-        s for s in jax.tree.leaves(state, is_leaf=_is_state) if isinstance(s, SAMState)
-    )
+def _sam_state(state: Any) -> Any:
+    return next(s for s in jax.tree.leaves(state, is_leaf=_is_state) if _is_sam(s))

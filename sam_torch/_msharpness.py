@@ -32,14 +32,17 @@ import sam_core
 from ._bn import disable_running_stats
 from ._ops import TorchOps
 from ._sam import SAM, _finite_flag
+from ._variants import SAMON
 
 __all__ = ["m_sharpness_step"]
 
-#: Per device type, the path ``vectorize="auto"`` takes, from
-#: ``benchmarks/results/m-sharpness/`` (WRN-16-2, batch 128, m in {4, 16, 32}): on CPU the loop
-#: over chunks keeps shared-weight convolutions and is the faster path at every m; on
-#: accelerators the vectorized path runs the k chunks as one batched kernel.
-_AUTO_VECTORIZE = {"cpu": False}
+#: Per device type, whether ``vectorize="auto"`` takes the vectorized path (the loop stays the
+#: fallback). From ``benchmarks/results/m-sharpness/`` (WRN-16-2, batch 128, 2 CPU threads):
+#: on CPU the vectorized path measured faster at every m (1.39-1.66x a batch-SAM step against
+#: 2.4-6.0x for the loop: convolutions at batch m cost 1.4-2.9x per example what they cost at
+#: batch 128, and the vectorized path runs them as one batched-weight kernel); other devices
+#: were not measured and get the vectorized path, one kernel for the k chunks.
+_AUTO_VECTORIZE = {"cpu": True}
 
 #: Models the vectorized path failed on under ``"auto"``, with the reason (warned once each).
 _NOT_VECTORIZABLE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
@@ -48,7 +51,6 @@ _NOT_VECTORIZABLE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDi
 _UNSUPPORTED = {
     "GSAM": "its ascent gradient is decomposed against the clean gradient of the whole batch",
     "WSAM": "it mixes the clean and perturbed gradients of the whole batch with a weight",
-    "SAMON": "it does not perturb with the gradient",
     "FriendlySAM": "its perturbation subtracts a momentum of full-batch gradients kept across steps",
     "VaSSO": "its perturbation follows a moving average of full-batch gradients kept across steps",
     "LookSAM": "it reuses one perturbed-gradient component across steps",
@@ -121,9 +123,10 @@ def m_sharpness_step(
 
     Args:
         optimizer: a :class:`~sam_torch.SAM` (SAM or ASAM, any base optimizer, any param
-            groups). The variants whose definition needs the whole batch's gradient or state
-            across steps (GSAM, WSAM, SAMON, FriendlySAM, VaSSO, LookSAM, EveryKSAM,
-            MomentumSAM) and ``ScaledSAM`` raise ``TypeError``.
+            groups) or :class:`~sam_torch.SAMON` (each chunk perturbs the masked parameters
+            with its own gradient). The variants whose definition needs the whole batch's
+            gradients or state carried across steps (GSAM, WSAM, FriendlySAM, VaSSO,
+            LookSAM, EveryKSAM, MomentumSAM) and ``ScaledSAM`` raise ``TypeError``.
         model: the module ``loss_fn`` calls; its parameters in the optimizer's groups are
             the ones perturbed and stepped.
         loss_fn: ``loss_fn(model, chunk)`` returns the chunk's **mean** loss (a 0-d tensor)
@@ -137,8 +140,12 @@ def m_sharpness_step(
             ``torch.func.vmap`` over the chunks of ``grad`` through ``functional_call``
             (per-chunk weights, so convolutions become batched-weight ones); the same
             numbers (float64 to 1e-12). ``"auto"``: the path measured faster on the device
-            (the loop on CPU; the vectorized path elsewhere), falling back to the loop, with
-            a one-time warning that says why, for a model the vectorized path cannot run.
+            (the vectorized path on CPU, by ``benchmarks/results/m-sharpness/``, and
+            elsewhere), falling back to the loop, with a one-time warning that says why,
+            for a model the vectorized path cannot run. The vectorized path holds the
+            per-chunk perturbed weights and activations of ``chunk_size`` chunks at once
+            (WRN-16-2, batch 128: about 1 GiB more peak memory than the loop); pass
+            ``vectorize=False`` or a ``chunk_size`` where memory is short.
         chunk_size: with the vectorized path, at most this many chunks are computed at once
             (``torch.func.vmap``'s ``chunk_size``; bounds memory). ``None``: all k at once.
 
@@ -160,7 +167,7 @@ def m_sharpness_step(
         raise TypeError(
             f"loss_fn must be callable as loss_fn(model, chunk), got {type(loss_fn).__name__}"
         )
-    if vectorize not in (True, False, "auto"):
+    if not (isinstance(vectorize, bool) or vectorize == "auto"):
         raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
     if chunk_size is not None:
         sam_core.check_positive_int("chunk_size", chunk_size)
@@ -362,7 +369,10 @@ def _vectorized_step(
     from torch.func import functional_call, grad, vmap
 
     names = {p: n for n, p in model.named_parameters(remove_duplicate=True)}
-    plan = []  # per group with parameters: (group, ops, names of its params)
+    # SAM-ON perturbs (and takes the norm over) its masked parameters only.
+    mask = getattr(optimizer, "_mask", None) if isinstance(optimizer, SAMON) else None
+    plan = []  # per group with perturbed parameters: (group, ops, names of those params)
+    opt_names = []  # every optimized parameter: all get the perturbed-point gradient
     for group in optimizer.param_groups:
         group_names = []
         for p in group["params"]:
@@ -375,14 +385,15 @@ def _vectorized_step(
                     f"{tuple(p.shape)}) that is not a parameter of model; pass the model "
                     "whose parameters the optimizer was built on"
                 )
-            group_names.append(name)
+            opt_names.append(name)
+            if mask is None or id(p) in mask:
+                group_names.append(name)
         if group_names:
             p0 = dict(model.named_parameters())[group_names[0]]
             ops = _VmapOps(p0.device, p0.dtype, foreach=False, host_reads=False)
             plan.append((group, ops, group_names))
     if not plan:
         raise ValueError("m_sharpness_step: no parameter of the optimizer requires a gradient")
-    opt_names = [n for _, _, ns in plan for n in ns]
     opt_set = set(opt_names)
     frozen = {
         "model." + n: p.detach() for n, p in model.named_parameters() if n not in opt_set
@@ -423,7 +434,7 @@ def _vectorized_step(
             directions.append(d)
             sq_norm = sq if sq_norm is None else sq_norm + sq
         norm = torch.sqrt(sq_norm)
-        out = {}
+        out = dict(w)  # parameters outside the plan (SAM-ON's unmasked ones) stay at w
         for (group, ops, ns), d in zip(plan, directions, strict=True):
             scale = sam_core.perturbation_scale(group["rho"], norm, group["sam_eps"])
             ws = [w["model." + n] for n in ns]
@@ -435,6 +446,7 @@ def _vectorized_step(
         bufs = {**bufs, **{n: b.clone() for n, b in counters.items()}}
         def clean(w_: dict[str, Tensor], b_: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             loss = functional_call(module, {**w_, **frozen, **b_}, (chunk,))
+            _check_loss(loss)
             return loss, loss
 
         def perturbed(w_: dict[str, Tensor], b_: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -42,7 +42,8 @@ def numpy_mlp(params, x, t, m, groups, eps=1e-12):
 def torch_autograd(model, loss_fn, chunks, groups, eps=1e-12):
     """A plain autograd loop over chunks on copies of ``model`` (float64).
 
-    ``groups``: a list of ``(params, rho, adaptive, eta)`` of ``model``'s parameters.
+    ``groups``: a list of ``(params, rho, adaptive, eta)`` of ``model``'s parameters; a
+    parameter in no group is not perturbed and not in the norm (SAM-ON's unmasked ones).
     Returns ``(G per parameter of model.parameters(), loss, perturbed_loss, mean norm,
     running statistics)`` where the statistics are the mean over chunks of the buffers of a
     fresh copy of the model after a clean forward of that chunk (``num_batches_tracked`` of
@@ -66,7 +67,8 @@ def torch_autograd(model, loss_fn, chunks, groups, eps=1e-12):
         stats.append({n: b.detach().clone() for n, b in clean.named_buffers()})
         ws = [p.detach() for p in model.parameters()]
         ts = [
-            (w.abs() + c[2]) if c[1] else torch.ones_like(w) for w, c in zip(ws, cfg, strict=True)
+            torch.zeros_like(w) if c is None else (w.abs() + c[2]) if c[1] else torch.ones_like(w)
+            for w, c in zip(ws, cfg, strict=True)
         ]
         norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(ts, grads, strict=True)))
         perturbed = copy.deepcopy(model)
@@ -75,7 +77,7 @@ def torch_autograd(model, loss_fn, chunks, groups, eps=1e-12):
                 mod.track_running_stats = False
         with torch.no_grad():
             for p, w, t, g, c in zip(perturbed.parameters(), ws, ts, grads, cfg, strict=True):
-                p.copy_(w + c[0] * t * t * g / (norm + eps))
+                p.copy_(w if c is None else w + c[0] * t * t * g / (norm + eps))
         ploss = loss_fn(perturbed, chunk)
         pgrads = torch.autograd.grad(ploss, list(perturbed.parameters()))
         total = list(pgrads) if total is None else [a + b for a, b in zip(total, pgrads, strict=True)]

@@ -202,10 +202,12 @@ def test_linen_batch_stats(m, impl):
         total = [a + np.asarray(b) for a, b in zip(total, jax.tree.leaves(pg), strict=True)]
     G = [a / (B // m) for a in total]
     want_updates = [-LR * (g + WD * np.asarray(w)) for g, w in zip(G, leaves, strict=True)]
-    # atol: the bias before BatchNorm has a gradient of exactly 0 up to rounding.
+    # atol: the bias before BatchNorm has a gradient of exactly 0 up to rounding. rtol: with
+    # m = 2 examples per chunk the batch variance is small and BatchNorm amplifies rounding
+    # (measured up to 1.2e-11 between programs XLA compiles differently).
     scale = max(float(np.max(np.abs(u))) for u in want_updates)
     for a, b in zip(jax.tree.leaves(updates), want_updates, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12 * scale)
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * scale)
     want_stats = jax.tree.map(lambda *s: np.mean(np.stack(s), 0), *chunk_stats)
     for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(want_stats), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
@@ -230,8 +232,8 @@ def test_state_is_batch_sams_not_k_fold(impl):
         assert jnp.shape(a) == jnp.shape(b) and jnp.asarray(a).dtype == jnp.asarray(b).dtype
 
 
-def test_scan_memory_does_not_grow_with_k():
-    """Compiled scratch memory of the scan form: k = 64 chunks vs k = 1, same batch."""
+def test_rolled_scan_memory_does_not_grow_with_k():
+    """Compiled scratch memory: k = 64 chunks in a rolled scan vs batch SAM (k = 1)."""
     params = {"w": jnp.zeros((256, 256)), "v": jnp.zeros((256, 10))}
     tx = _tx(adaptive=False)
     state = tx.init(params)
@@ -243,8 +245,9 @@ def test_scan_memory_does_not_grow_with_k():
         logits = jnp.tanh(xc @ p["w"]) @ p["v"]
         return optax.softmax_cross_entropy_with_integer_labels(logits, yc).mean()
 
-    def temp_bytes(m, impl):
-        f = jax.jit(lambda p, s, b: sam_jax.m_sharpness_update(tx, loss_fn, p, s, b, m=m, impl=impl))
+    def temp_bytes(m, impl, unroll=True):
+        f = jax.jit(lambda p, s, b: sam_jax.m_sharpness_update(
+            tx, loss_fn, p, s, b, m=m, impl=impl, unroll=unroll))
         analysis = f.lower(params, state, (x, y)).compile().memory_analysis()
         if analysis is None:
             pytest.skip("this backend reports no memory analysis")
@@ -252,9 +255,9 @@ def test_scan_memory_does_not_grow_with_k():
 
     param_bytes = (256 * 256 + 256 * 10) * 8
     batch_sam = temp_bytes(64, "scan")
-    scan = temp_bytes(1, "scan")
+    rolled = temp_bytes(1, "scan", unroll=1)
     vmap = temp_bytes(1, "vmap")
-    assert scan < batch_sam + 4 * param_bytes  # a few parameter-sized buffers, not 64
+    assert rolled < batch_sam + 2 * param_bytes  # a parameter-sized sum, not 64 gradients
     assert vmap > 16 * param_bytes  # the vmap form holds per-chunk weights: k-fold
 
 

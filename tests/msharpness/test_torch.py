@@ -153,6 +153,28 @@ def test_batchnorm_model_matches_autograd_reference(adaptive, m, vectorize):
         torch.testing.assert_close(p.detach(), w - LR * (g + WD * w), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["SAM-ON", "ASAM-ON"])
+def test_samon_matches_autograd_reference(adaptive, vectorize):
+    """SAM-ON: each chunk perturbs the normalization parameters with its own gradient."""
+    model, x, y = _bn_model_and_data()
+    opt = sam_torch.SAMON(
+        model.parameters(), torch.optim.SGD, rho=0.2, adaptive=adaptive, norm_params=model,
+        lr=LR, momentum=MOMENTUM, weight_decay=WD,
+    )
+    norm_params = sam_torch.normalization_parameters(model)
+    chunks = [(x[c * 4:(c + 1) * 4], y[c * 4:(c + 1) * 4]) for c in range(B // 4)]
+    G, _, ploss, norm, _ = msref.torch_autograd(
+        model, _ce_loss, chunks, [(norm_params, 0.2, adaptive, 0.01)]
+    )
+    sam_torch.m_sharpness_step(opt, model, _ce_loss, (x, y), m=4, vectorize=vectorize)
+    for p, g in zip(model.parameters(), G, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-11, atol=1e-14)
+    torch.testing.assert_close(opt.perturbed_loss, ploss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt.grad_norm, norm, rtol=1e-12, atol=0)
+    assert float(opt.sharpness) != 0.0
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 3])
 def test_vectorized_equals_loop(chunk_size):
     """Two steps on the BN net, ASAM, m = 2 (k = 8): chunk_size bounds memory, not numbers."""
@@ -429,5 +451,17 @@ def test_auto_falls_back_to_the_loop_once_with_a_reason(monkeypatch):
         sam_torch.m_sharpness_step(opt, Branchy().double(), _ce_loss, (x, y), m=2, vectorize=True)
 
 
-def test_auto_is_the_loop_on_cpu():
-    assert _msharpness._AUTO_VECTORIZE["cpu"] is False
+def test_auto_takes_the_measured_path_on_cpu(monkeypatch):
+    """On CPU "auto" runs the vectorized path (benchmarks/results/m-sharpness/)."""
+    calls = []
+    real = _msharpness._vectorized_step
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_msharpness, "_vectorized_step", spy)
+    model, x, y = _bn_model_and_data()
+    opt = _sam(_bn_groups(model, False))
+    sam_torch.m_sharpness_step(opt, model, _ce_loss, (x, y), m=4)
+    assert calls == [1]

@@ -1,0 +1,45 @@
+"""benchmarks/msharpness.py in its smallest form: it measures every path and reports them."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import msharpness
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+
+def test_run_torch_quick_reports_every_path():
+    progress = _Progress()
+    config = {
+        "quick": True, "backends": ["torch"], "ms": [4, 8], "repeats": 2, "warmup": 1,
+        "memory": False, "profile": True,
+    }
+    result = msharpness.run(config, progress)
+    json.dumps(result)  # JSON-ready
+    rows = result["torch"]["rows"]
+    assert set(rows) == {
+        "SGD", "batch SAM", "m=4 loop", "m=4 vectorized", "m=8 loop", "m=8 vectorized",
+    }
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["n"] == 2
+    assert rows["batch SAM"]["ratio_to_batch_sam"]["median"] == 1.0
+    assert [p["k"] for p in result["torch"]["profile"]] == [4, 2]
+    assert {v["m"] for v in result["verdicts"]} == {4, 8}
+    assert set(result["auto_choice"]["torch"]) == {"4", "8"}
+    assert progress.n > 0
+    text = msharpness.report(result)
+    assert "| m=4 loop |" in text and "Targets" in text and result["machine"]["cpu"] in text
+
+
+def test_memory_worker_measures_a_fresh_process():
+    cfg = dict(msharpness.DEFAULT_CONFIG)
+    cfg.update(msharpness.QUICK_CONFIG)
+    out = msharpness._measure_memory("torch", ["m=4 loop"], cfg, None)
+    assert out["m=4 loop"]["peak_rss_delta_bytes"] >= 0, out
