@@ -151,6 +151,7 @@ def train_jax(kind: str, budget: Budget, data_dir: str, progress: Any = None) ->
         history = trainer.train(config, tick)
     return {"history": history, "seconds": time.perf_counter() - t0}
 
+
 @torch.no_grad()
 def loss_landscape(model: torch.nn.Module, split: Any, data: Any, alphas: np.ndarray,
                    seed: int = 0) -> list[float]:

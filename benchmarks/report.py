@@ -393,7 +393,7 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> str:
                    "quoting.", ""]
     else:
         md += ["No target is measured by the sections of this run (targets: sections 1, 2, 3 "
-               "and 6).", ""]
+               "and 6, and 5 on the digits in the full run).", ""]
     titles = results.get("section_titles", {})
     for name in results.get("sections", []):
         md += _section_part(name, titles.get(name, name), results.get(name, {}))
