@@ -1,9 +1,14 @@
-"""Section 5, accuracy and loss landscape (when CIFAR-10 is found): SGD, SAM and ASAM (and any
-SAM-family variant named in ``--optimizers``, torch) trained on a CIFAR-10 subset in both
-backends, and a 1-D loss landscape through the SGD and SAM solutions (torch).
+"""Section 5, accuracy: SGD against SAM on real data, in both backends, through the examples'
+training functions (:func:`examples.train_torch.train_model`, :func:`examples.train_jax.train`;
+this section keeps no training loop of its own).
 
-The training runs through :func:`train_torch` and :func:`train_jax`, one small function per
-backend: the only places that know how a model is trained here.
+* CIFAR-10 found (``--data-dir`` or a default folder): SGD, SAM and ASAM (and any SAM-family
+  variant named in ``--optimizers``, torch) on a CIFAR-10 subset, and a 1-D loss landscape
+  through the torch SGD and SAM solutions (:func:`run_cifar`).
+* No CIFAR-10: scikit-learn's bundled digits (no download) with 40 % symmetric label noise,
+  SGD, SAM and m-SAM (m = 16) in the settings of the label-noise study
+  (:mod:`benchmarks.label_noise`), where SAM's gain shows within minutes
+  (:func:`run_digits`).
 """
 
 from __future__ import annotations
@@ -11,10 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import sam_torch
-from benchmarks._common import (
-    ASAM_RHO,
-    LR,
-    MOMENTUM,
-    RHO,
-    WEIGHT_DECAY,
-    jax_side,
-    jax_unavailable,
-    torch_wrn,
-)
+from benchmarks._common import ASAM_RHO, LR, MOMENTUM, RHO, WEIGHT_DECAY, jax_unavailable
 
 TITLE = "5. Accuracy"
-ESTIMATE_S = {"smoke": 15, "quick": 75, "full": 1600}
+ESTIMATE_S = {"smoke": 15, "quick": 80, "full": 1600}
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -114,123 +108,47 @@ def where_found(data_dir: str | None, found: str) -> str:
     return "a default folder"
 
 
-def _lr_at(epoch_frac: float, epochs: int) -> float:
-    return 0.5 * LR * (1.0 + math.cos(math.pi * epoch_frac / epochs))
+def cifar_config(kind: str, budget: Budget, data_dir: str,
+                 threads: int | None = None) -> argparse.Namespace:
+    """The examples' configuration (:func:`examples.cli.make_config`) of one CIFAR run:
+    the budget's WideResNet and subset (the first ``subset`` training and ``test_subset``
+    test images), the section's hyperparameters (:data:`LR`, :data:`MOMENTUM`,
+    :data:`WEIGHT_DECAY`, :data:`RHO`, :data:`ASAM_RHO`), cosine schedule, no label
+    smoothing, the examples' augmentation, seed 0. ``kind`` is ``SGD``, ``SAM``, ``ASAM`` or
+    a name of ``examples/optimizers.py`` (its default rho; MomentumSAM's 0.3)."""
+    from examples.cli import make_config
+
+    name = kind.lower()
+    rho = {"sam": RHO, "asam": ASAM_RHO, "msam": 0.3}.get(name)
+    return make_config(
+        dataset="cifar10", data_dir=data_dir, depth=budget.depth, width=budget.width,
+        epochs=budget.epochs, batch_size=budget.batch, limit_train=budget.subset,
+        limit_test=budget.test_subset, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+        schedule="cosine", label_smoothing=0.0, optimizer=name, rho=rho, eval_batch_size=500,
+        threads=threads, seed=0)
 
 
-def train_torch(kind: str, train: Any, test: Any, budget: Budget, data: Any,
-                progress: Any = None) -> dict[str, Any]:
-    """Train one torch run: ``{"history": [{"epoch", "test_loss", "test_acc"}], "seconds",
-    "model"}``. ``kind`` is ``SGD``, ``SAM``, ``ASAM`` or a name of ``examples/optimizers.py``.
+def train_torch(kind: str, budget: Budget, data_dir: str, progress: Any = None,
+                threads: int | None = None) -> dict[str, Any]:
+    """One torch run through :func:`examples.train_torch.train_model`:
+    ``{"history": [{"epoch", "test_loss", "test_acc", ...}], "seconds", "model"}``."""
+    from examples import train_torch as trainer
 
-    The one place where this section trains a torch model (switch it here to the examples'
-    training function once that is importable).
-    """
-    torch.manual_seed(0)
-    model, _ = torch_wrn(budget.depth, budget.width)
-    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    variant = kind not in ("SGD", "SAM", "ASAM")
-    if kind == "SGD":
-        opt: Any = torch.optim.SGD(model.parameters(), **kw)
-    elif variant:  # a SAM-family variant through the examples' registry (docs/variants.md)
-        from examples.optimizers import make_torch_optimizer
-
-        ns = argparse.Namespace(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                                nesterov=False, rho=RHO if kind != "msam" else 0.3, eta=0.01)
-        opt = make_torch_optimizer(kind, model, ns)
-    else:
-        adaptive = kind == "ASAM"
-        opt = sam_torch.SAM(model.parameters(), torch.optim.SGD,
-                            rho=ASAM_RHO if adaptive else RHO, adaptive=adaptive, **kw)
-    history = []
-    steps_per_epoch = math.ceil(len(train) / budget.batch)
-    t0 = time.perf_counter()
-    for epoch in _epochs(progress, budget.epochs, f"torch {kind}"):
-        model.train()
-        rng = data.epoch_rng(0, epoch)
-        for i, (xb, yb) in enumerate(data.batches(train, budget.batch, rng=rng, train=True)):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(epoch + i / steps_per_epoch, budget.epochs)
-            x, y = torch.from_numpy(data.to_nchw(xb)), torch.from_numpy(yb)
-            if variant:
-                calls = [0]
-
-                def closure(x: torch.Tensor = x, y: torch.Tensor = y,
-                            calls: list[int] = calls) -> torch.Tensor:
-                    # BatchNorm statistics from the first pass of the step only
-                    calls[0] += 1
-                    opt.zero_grad()
-                    with (sam_torch.disable_running_stats(model) if calls[0] > 1
-                          else contextlib.nullcontext()):
-                        loss = F.cross_entropy(model(x), y)
-                        loss.backward()
-                    return loss
-
-                opt.step(closure)
-                continue
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            if kind == "SGD":
-                opt.step()
-            else:
-                opt.first_step(zero_grad=True)
-                with sam_torch.disable_running_stats(model):
-                    F.cross_entropy(model(x), y).backward()
-                opt.second_step(zero_grad=True)
-        history.append(_eval_torch(model, test, budget, data) | {"epoch": epoch + 1})
+    config = cifar_config(kind, budget, data_dir, threads)
+    with _epoch_bar(progress, budget.epochs, f"torch {kind}") as tick:
+        t0 = time.perf_counter()
+        history, model = trainer.train_model(config, tick)
     return {"history": history, "seconds": time.perf_counter() - t0, "model": model}
 
 
-@torch.no_grad()
-def _eval_torch(model: torch.nn.Module, split: Any, budget: Budget, data: Any) -> dict[str, float]:
-    model.eval()
-    loss = correct = n = 0.0
-    for xb, yb in data.batches(split, 500):
-        logits = model(torch.from_numpy(data.to_nchw(xb)))
-        y = torch.from_numpy(yb)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += float((logits.argmax(1) == y).sum())
-        n += len(yb)
-    return {"test_loss": loss / n, "test_acc": correct / n}
+def train_jax(kind: str, budget: Budget, data_dir: str, progress: Any = None) -> dict[str, Any]:
+    """One JAX run through :func:`examples.train_jax.train`: ``{"history", "seconds"}``."""
+    from examples import train_jax as trainer
 
-
-def train_jax(kind: str, train: Any, test: Any, budget: Budget, data: Any,
-              progress: Any = None) -> dict[str, Any]:
-    """Train one JAX run (``SGD``, ``SAM`` or ``ASAM``): ``{"history", "seconds"}``.
-
-    The one place where this section trains a Flax model (switch it here to the examples'
-    training function once that is importable).
-    """
-    J = jax_side()
-    jax, jnp, optax = J.jax, J.jnp, J.optax
-    model = J.WideResNet(budget.depth, budget.width)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    steps_per_epoch = math.ceil(len(train) / budget.batch)
-    schedule = optax.cosine_decay_schedule(LR, budget.epochs * steps_per_epoch)
-    adaptive = kind == "ASAM"
-    steps = J.steps(model, ASAM_RHO if adaptive else RHO, adaptive, schedule, WEIGHT_DECAY)
-    name = "optax.sgd" if kind == "SGD" else "sam_jax"
-    step, tx = steps[name], steps[name + ":tx"]
-    params, stats = variables["params"], variables["batch_stats"]
-    state = tx.init(params)
-
-    @jax.jit
-    def evaluate(params: Any, stats: Any, x: Any, y: Any) -> tuple[Any, Any]:
-        logits = model.apply({"params": params, "batch_stats": stats}, x, train=False)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
-        return loss, (logits.argmax(-1) == y).sum()
-
-    history = []
-    t0 = time.perf_counter()
-    for epoch in _epochs(progress, budget.epochs, f"jax {kind}"):
-        rng = data.epoch_rng(0, epoch)
-        for xb, yb in data.batches(train, budget.batch, rng=rng, train=True):
-            params, stats, state, _ = step(params, stats, state, jnp.asarray(xb), jnp.asarray(yb))
-        loss = correct = n = 0.0
-        for xb, yb in data.batches(test, 500):
-            lo, co = evaluate(params, stats, jnp.asarray(xb), jnp.asarray(yb))
-            loss, correct, n = loss + float(lo), correct + float(co), n + len(yb)
-        history.append({"epoch": epoch + 1, "test_loss": loss / n, "test_acc": correct / n})
+    config = cifar_config(kind, budget, data_dir)
+    with _epoch_bar(progress, budget.epochs, f"jax {kind}") as tick:
+        t0 = time.perf_counter()
+        history = trainer.train(config, tick)
     return {"history": history, "seconds": time.perf_counter() - t0}
 
 
@@ -252,19 +170,21 @@ def loss_landscape(model: torch.nn.Module, split: Any, data: Any, alphas: np.nda
         if w.dim() <= 1:
             dirs.append(torch.zeros_like(w))
             continue
-        d = torch.randn(w.shape, generator=gen, dtype=w.dtype)
+        d = torch.randn(w.shape, generator=gen, dtype=w.dtype).to(w.device)
         wn = w.reshape(w.shape[0], -1).norm(dim=1)
         dn = d.reshape(d.shape[0], -1).norm(dim=1).clamp_min(1e-12)
         dirs.append(d * (wn / dn).reshape(-1, *([1] * (w.dim() - 1))))
     losses = []
     model.eval()
+    device = origin[0].device
     for a in alphas:
         for p, w, d in zip(params, origin, dirs, strict=True):
             p.copy_(w + float(a) * d)
         total, n = 0.0, 0
         for xb, yb in data.batches(split, 500):
-            logits = model(torch.from_numpy(data.to_nchw(xb)))
-            total += float(F.cross_entropy(logits, torch.from_numpy(yb), reduction="sum"))
+            logits = model(torch.from_numpy(data.to_nchw(xb)).to(device))
+            total += float(F.cross_entropy(logits, torch.from_numpy(yb).to(device),
+                                           reduction="sum"))
             n += len(yb)
         losses.append(total / n)
     for p, w in zip(params, origin, strict=True):
@@ -273,50 +193,216 @@ def loss_landscape(model: torch.nn.Module, split: Any, data: Any, alphas: np.nda
 
 
 def run(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
+    """CIFAR-10 when found (:func:`run_cifar`), else the digits with label noise
+    (:func:`run_digits`)."""
     data_dir = config.get("data_dir")
     found = find_cifar(data_dir)
     if found is None:
         where = ("the folder given by --data-dir" if data_dir
                  else ", ".join(_shown(c) for c in CANDIDATE_DATA_DIRS))
-        return {"skipped": f"CIFAR-10 not found (looked in {where}). Put "
-                           "cifar-10-batches-py/ or cifar-10-python.tar.gz in a folder and run "
-                           "python benchmarks/compare.py --data-dir FOLDER"}
+        why = (f"CIFAR-10 not found (looked in {where}), so this section ran scikit-learn's "
+               "bundled digits, which need no download. For CIFAR-10 put "
+               "cifar-10-batches-py/ or cifar-10-python.tar.gz in a folder and run "
+               "python benchmarks/compare.py --data-dir FOLDER")
+        return run_digits(config, progress, why)
+    return run_cifar(config, progress, found)
+
+
+def run_cifar(config: Mapping[str, Any], progress: Any, found: str) -> dict[str, Any]:
+    """SGD, SAM, ASAM (and the ``optimizers`` variants, torch) on a CIFAR-10 subset through
+    the examples' training functions, both backends, and the loss landscape of the torch
+    SGD and SAM solutions."""
     from examples import data
 
-    train, test, _ = data.load_cifar(found, "cifar10")
     budget = config.get("budget") or BUDGETS[MODE_BUDGET[config.get("mode", "quick")]]
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(len(train))[: budget.subset]
-    train = data.Split(train.images[idx], train.labels[idx])
-    test = data.Split(test.images[: budget.test_subset], test.labels[: budget.test_subset])
+    threads = config.get("threads")
     runs: dict[str, Any] = {}
     models = {}
     extra = [o for o in config.get("optimizers", ()) if o not in ("sgd", "sam", "asam")]
     for kind in ("SGD", "SAM", "ASAM", *extra):
-        r = train_torch(kind, train, test, budget, data, progress)
+        r = train_torch(kind, budget, found, progress, threads)
         models[kind] = r.pop("model")
         runs[f"torch {kind}"] = r
-        _log(progress, f"  torch {kind}: {r['history'][-1]} ({r['seconds']:.0f} s)")
+        _log(progress, f"  torch {kind}: {_last(r)} ({r['seconds']:.0f} s)")
     if not jax_unavailable(config):
         for kind in ("SGD", "SAM", "ASAM"):
-            r = train_jax(kind, train, test, budget, data, progress)
+            r = train_jax(kind, budget, found, progress)
             runs[f"jax {kind}"] = r
-            _log(progress, f"  jax {kind}: {r['history'][-1]} ({r['seconds']:.0f} s)")
+            _log(progress, f"  jax {kind}: {_last(r)} ({r['seconds']:.0f} s)")
     full = config.get("mode") == "full"
     alphas = np.linspace(-1.0, 1.0, 21 if full else 11)
     n_probe = 1000 if full else 500
+    train = data.load_training_data(cifar_config("SGD", budget, found)).train
     probe = data.Split(train.images[:n_probe], train.labels[:n_probe])
     landscape = {k: loss_landscape(models[k], probe, data, alphas)
                  for k in progress(("SGD", "SAM"), desc="loss landscape")}
-    return {"data": where_found(data_dir, found), "budget": dataclasses.asdict(budget),
-            "runs": runs,
+    return {"dataset": "cifar10", "data": where_found(config.get("data_dir"), found),
+            "budget": dataclasses.asdict(budget), "runs": runs,
             "landscape": {"alphas": alphas.tolist(), "train_loss": landscape,
                           "model": "torch", "probe_images": len(probe)}}
 
 
-def _epochs(progress: Any, epochs: int, desc: str) -> Any:
-    return range(epochs) if progress is None else progress(range(epochs), desc=desc,
-                                                           unit="epoch")
+#: The digits runs of each mode: ``(seeds, epochs)``; ``None`` epochs: the label-noise
+#: study's (:data:`benchmarks.label_noise.DATASET_SETTINGS`).
+DIGITS_RUNS: dict[str, tuple[tuple[int, ...], int | None]] = {
+    "smoke": ((0,), 2),
+    "quick": ((0,), 20),
+    "full": ((0, 1, 2), None),
+}
+#: The optimizers of the digits runs (the study's names; ``sam/m16``: m-sharpness 16).
+DIGITS_OPTIMIZERS = ("sgd", "sam", "sam/m16")
+
+
+def run_digits(config: Mapping[str, Any], progress: Any, why: str) -> dict[str, Any]:
+    """SGD, SAM and m-SAM (m = 16) on scikit-learn's digits with 40 % symmetric label noise,
+    in the label-noise study's settings (:mod:`benchmarks.label_noise`: its rho per
+    optimizer, learning rate, schedule, batch; fewer epochs and seeds in the quick and
+    smoke runs, :data:`DIGITS_RUNS`), each run through the examples' training function of
+    its backend (:func:`benchmarks.label_noise.execute`)."""
+    from benchmarks import label_noise as study
+
+    settings = study.DATASET_SETTINGS["digits"]
+    seeds, epochs = DIGITS_RUNS[config.get("mode", "quick")]
+    overrides = {} if epochs is None else {"epochs": epochs}
+    wanted = config.get("backends", ("torch", "jax"))
+    backends = [b for b in ("torch", "jax")
+                if b in wanted and (b == "torch" or not jax_unavailable(config))]
+    optimizers = [study.parse_optimizer(o) for o in DIGITS_OPTIMIZERS]
+    specs = study.plan_runs(settings, optimizers, list(seeds), backends, overrides=overrides)
+    runs: dict[str, Any] = {}
+    records = []
+    for spec in progress(specs, desc="digits runs", unit="run"):
+        with _one_torch_thread():
+            record = study.execute(spec, threads=None)
+        name = f"{spec.backend} {spec.optimizer.display}"
+        name += f" seed {spec.seed}" if len(seeds) > 1 else ""
+        runs[name] = {"history": record["history"], "seconds": record["wall_s"]}
+        records.append({k: v for k, v in record.items() if k != "history"})
+        _log(progress, f"  {name}: test acc {record['final_test_acc']:.4f}, noisy_fit "
+                       f"{record['noisy_fit']:.4f} ({record['wall_s']:.0f} s)")
+    run_settings = {**settings["config"], **overrides}
+    return {"dataset": "digits", "data": "scikit-learn's bundled digits", "why": why,
+            "settings": run_settings, "study_epochs": settings["config"]["epochs"],
+            "seeds": list(seeds), "backends": backends,
+            "rho": {s.optimizer.display: s.rho for s in specs if s.optimizer.name != "sgd"},
+            "runs": runs, "records": records,
+            "summary": study.summarize(records, kind="all")}
+
+
+def report(result: dict[str, Any]) -> list[str]:
+    """The section's part of ``report.md``."""
+    from benchmarks.report import _table
+
+    if result.get("dataset") == "digits":
+        return _digits_report(result)
+    md = [f"CIFAR-10 from {result['data']}, budget {result['budget']}: the examples' "
+          "training functions (`examples.train_torch.train_model`, "
+          "`examples.train_jax.train`), cosine learning rate, no label smoothing, the first "
+          "`subset` training and `test_subset` test images.", "", _table(
+              ["run", "final test acc", "final test loss", "seconds"],
+              [[n, f"{r['history'][-1]['test_acc']:.4f}",
+                f"{r['history'][-1]['test_loss']:.4f}", f"{r['seconds']:.0f}"]
+               for n, r in result["runs"].items()]), ""]
+    ls = result["landscape"]["train_loss"]
+    md += ["Loss-landscape sharpness proxy (train loss at alpha = +-1 minus at 0): " +
+           ", ".join(f"{k}: {0.5 * (v[0] + v[-1]) - v[len(v) // 2]:.3f}"
+                     for k, v in ls.items()), ""]
+    return md
+
+
+def _digits_report(result: dict[str, Any]) -> list[str]:
+    from benchmarks.report import _table
+
+    s = result["settings"]
+    seeds = result["seeds"]
+    epochs_note = ("the study's epochs" if s["epochs"] == result["study_epochs"] else
+                   f"the study runs {result['study_epochs']}; `--full` runs those, with "
+                   "3 seeds")
+    md = [f"**Dataset: scikit-learn's digits with {100 * s['label_noise']:.0f} % symmetric "
+          f"label noise.** {result['why']}.", "",
+          f"Settings of the label-noise study (`python -m benchmarks.label_noise --dataset "
+          f"digits`): small CNN, {s['epochs']} epochs ({epochs_note}), batch "
+          f"{s['batch_size']}, lr {s['lr']} with a {s['schedule']} schedule, momentum "
+          f"{s['momentum']}, weight decay {s['weight_decay']}, no label smoothing; rho: "
+          + ", ".join(f"{k} {v}" for k, v in result["rho"].items())
+          + f"; {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
+          f"({', '.join(map(str, seeds))}), backends {', '.join(result['backends'])}, one "
+          "torch thread. "
+          "Test labels are clean; `noisy_fit` is the fraction of the flipped training "
+          "examples the model predicts as their wrong label (memorized noise).", "",
+          _table(["backend", "optimizer", "final test acc %", "best test acc %",
+                  "noisy_fit %", "seconds"],
+                 [[row["backend"], row["label"], _pct(row["final_test_acc"], seeds),
+                   _pct(row["best_test_acc"], seeds), _pct(row["noisy_fit"], seeds),
+                   f"{_seconds(result, row):.0f}"] for row in result["summary"]]), ""]
+    if len(seeds) > 1:
+        md += ["Mean ± sample standard deviation over the seeds.", ""]
+    return md
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Issue targets on the digits in the study's settings (full run): SAM >= SGD + 5 points
+    of final test accuracy and m-SAM >= SAM, per backend (means over the seeds)."""
+    if result.get("dataset") != "digits" or result["settings"]["epochs"] != result[
+            "study_epochs"]:
+        return []
+    checks: list[tuple[str, str, bool | None]] = []
+    for backend in result["backends"]:
+        acc = {(r["optimizer"], r["m_sharpness"]): r["final_test_acc"][0]
+               for r in result["summary"] if r["backend"] == backend}
+        sgd, sam, msam = acc.get(("sgd", None)), acc.get(("sam", None)), acc.get(("sam", 16))
+        if sgd is not None and sam is not None:
+            checks.append((f"digits, 40 % noise, {backend}: SAM >= SGD + 5 points",
+                           f"{100 * sam:.1f} vs {100 * sgd:.1f}", sam >= sgd + 0.05))
+        if sam is not None and msam is not None:
+            checks.append((f"digits, 40 % noise, {backend}: m-SAM (m=16) >= SAM",
+                           f"{100 * msam:.1f} vs {100 * sam:.1f}", msam >= sam))
+    return checks
+
+
+def _pct(ms: Any, seeds: list[int]) -> str:
+    """A ``(mean, std)`` fraction in percent (the mean alone for one seed)."""
+    if ms is None:
+        return "–"
+    return f"{100 * ms[0]:.1f}" if len(seeds) == 1 else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def _seconds(result: dict[str, Any], row: dict[str, Any]) -> float:
+    """Mean wall time of a summary row's runs."""
+    walls = [r["wall_s"] for r in result["records"]
+             if (r["backend"], r["optimizer"], r["m_sharpness"]) ==
+             (row["backend"], row["optimizer"], row["m_sharpness"])]
+    return sum(walls) / len(walls) if walls else 0.0
+
+
+def _last(run: dict[str, Any]) -> str:
+    h = run["history"][-1]
+    return f"epoch {h['epoch']}: test acc {h['test_acc']:.4f}, test loss {h['test_loss']:.4f}"
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread for the digits' tiny CNN (as the label-noise study runs it: more
+    threads only add overhead to its 8x8 convolutions), the run's setting restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _epoch_bar(progress: Any, epochs: int, desc: str) -> Iterator[Callable[[Any], None]]:
+    """An epoch bar, as the callback the examples' ``train`` calls after each epoch."""
+    if progress is None:
+        yield lambda _metrics: None
+        return
+    bar = progress(total=epochs, desc=desc, unit="epoch")
+    try:
+        yield lambda _metrics: bar.update()
+    finally:
+        bar.close()
 
 
 def _log(progress: Any, message: str) -> None:
@@ -324,5 +410,3 @@ def _log(progress: Any, message: str) -> None:
         print(message, flush=True)
     else:
         progress.write(message)
-
-

@@ -22,8 +22,9 @@ Sections (``benchmarks/<name>.py``, each ``run(config, progress) -> dict``; see
 2. ``step``: the whole training step on a WRN, torch and JAX, SAM vs SGD.
 3. ``memory``: extra parameter-sized buffers each SAM keeps beyond its base optimizer.
 4. ``agreement``: sam_torch vs sam_jax after a few steps, float32 and float64.
-5. ``accuracy`` (when CIFAR-10 is found): SGD vs SAM vs ASAM, both backends, and a 1-D
-   loss-landscape plot through the SGD and SAM solutions.
+5. ``accuracy``: with CIFAR-10, SGD vs SAM vs ASAM, both backends, and a 1-D
+   loss-landscape plot through the SGD and SAM solutions; without it, SGD vs SAM vs m-SAM on
+   the bundled digits with 40 % label noise. Both train through the examples' functions.
 6. ``variants``: cost of one training step of each SAM-family variant, as a ratio to SGD.
 
 A missing peer (``pytorch_optimizer``, ``jax``/``optax``/``flax``) is reported as missing.

@@ -19,7 +19,8 @@ with ``--m-sharpness M`` it is :func:`sam_torch.m_sharpness_step` (each chunk of
 perturbed with its own gradient).
 
 :func:`train` is the training loop as a function (``train(config) -> history``), called by
-:func:`main`, the benchmarks and the label-noise study; with ``config.out`` set, each epoch
+:func:`main`, the benchmarks and the label-noise study (:func:`train_model` also returns the
+trained model); with ``config.out`` set, each epoch
 writes ``metrics.csv``/``metrics.json`` and ``checkpoint.pt`` there, and ``--resume``
 continues from the checkpoint exactly (the epoch's shuffle and augmentation are a pure
 function of ``(seed, epoch)``).
@@ -56,7 +57,7 @@ from examples.data import (
 )
 from examples.optimizers import make_torch_optimizer
 
-__all__ = ["build_model", "evaluate", "main", "predict", "train"]
+__all__ = ["build_model", "evaluate", "main", "predict", "train", "train_model"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -105,7 +106,17 @@ def predict(model: torch.nn.Module, split: Split, args: Any, device: torch.devic
 def train(
     config: Any, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says.
+    """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says
+    and return the history (:func:`train_model` without the model)."""
+    return train_model(config, progress)[0]
+
+
+def train_model(
+    config: Any, progress: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[list[dict[str, Any]], torch.nn.Module]:
+    """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says;
+    return ``(history, model)``, the model as trained (for analyses such as a loss
+    landscape).
 
     Returns the history: one dict per epoch with ``epoch``, ``lr``, ``train_loss``,
     ``train_acc`` (running, on the augmented batches; ``None`` with m-sharpness, whose step
@@ -252,7 +263,7 @@ def train(
         if stop is not None and epoch + 1 >= stop:
             print(f"stopping after epoch {epoch + 1} (--stop-after-epoch)")
             break
-    return history
+    return history, model
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -165,12 +165,151 @@ def test_smoke_jax_sections(tmp_path: Path) -> None:
     assert "accuracy" not in results
 
 
-def test_no_cifar_says_how_to_point_at_it(tmp_path: Path) -> None:
+def _fake_history(config: types.SimpleNamespace, noisy: bool) -> list[dict[str, float]]:
+    """What the examples' ``train`` returns, with numbers that depend on the optimizer."""
+    acc = {"sgd": 0.5, "sam": 0.7}.get(config.optimizer, 0.6) + (0.1 if config.m_sharpness
+                                                                  else 0.0)
+    fit = {"noisy_fit": 0.3, "clean_fit": 0.9} if noisy else {"noisy_fit": None,
+                                                             "clean_fit": None}
+    return [{"epoch": e + 1, "train_loss": 2.0, "test_loss": 1.0 / (e + 1), "test_acc": acc,
+             **fit}
+            for e in range(config.epochs)]
+
+
+def test_no_cifar_runs_the_digits_through_the_examples_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CIFAR-10 the section trains SGD, SAM and m-SAM on the noisy digits in the
+    label-noise study's settings, each run one call of the examples' ``train``."""
+    from benchmarks.label_noise import DATASET_SETTINGS
+    from examples import train_jax, train_torch
+
+    calls: list[tuple[str, types.SimpleNamespace]] = []
+
+    def fake(backend: str) -> object:
+        def train(config: types.SimpleNamespace, progress: object = None) -> list[dict]:
+            calls.append((backend, config))
+            return _fake_history(config, noisy=True)
+        return train
+
+    monkeypatch.setattr(train_torch, "train", fake("torch"))
+    monkeypatch.setattr(train_jax, "train", fake("jax"))
     missing = tmp_path / "nothing-here"
-    res = accuracy.run(compare.section_config(data_dir=str(missing)), Progress(enabled=False))
-    assert "--data-dir FOLDER" in res["skipped"]
-    assert "the folder given by --data-dir" in res["skipped"]
-    assert str(missing) not in res["skipped"]  # the report names no folder of the machine
+    # threads=None: the study's runner leaves the process's thread settings alone
+    res = accuracy.run(compare.section_config(mode="quick", data_dir=str(missing),
+                                              threads=None), Progress(enabled=False))
+    assert res["dataset"] == "digits"
+    assert "--data-dir FOLDER" in res["why"] and "the folder given by --data-dir" in res["why"]
+    assert str(missing) not in json.dumps(res)  # the report names no folder of the machine
+    study = DATASET_SETTINGS["digits"]
+    seeds, epochs = accuracy.DIGITS_RUNS["quick"]
+    assert [(b, c.optimizer, c.m_sharpness, c.rho) for b, c in calls] == [
+        (b, opt, m, rho) for b in ("torch", "jax")
+        for opt, m, rho in (("sgd", None, 0.0), ("sam", None, study["rho"]["sam"]),
+                            ("sam", 16, study["rho"]["sam/m"]))]
+    for _, c in calls:
+        assert c.epochs == epochs and c.seed == seeds[0]
+        for key, value in study["config"].items():
+            if key != "epochs":
+                assert getattr(c, key) == value, key
+    assert set(res["runs"]) == {f"{b} {o}" for b in ("torch", "jax")
+                                for o in ("SGD", "SAM", "m-SAM (m=16)")}
+    for run in res["runs"].values():
+        assert len(run["history"]) == epochs and run["seconds"] >= 0
+    rows = {(r["backend"], r["label"]): r for r in res["summary"]}
+    assert rows[("jax", "m-SAM (m=16)")]["final_test_acc"] == pytest.approx((0.8, 0.0))
+    assert rows[("torch", "SGD")]["noisy_fit"] == pytest.approx((0.3, 0.0))
+    text = "\n".join(accuracy.report(res))
+    assert "digits with 40 % symmetric label noise" in text and "CIFAR-10 not found" in text
+    assert f"{epochs} epochs (the study runs {study['config']['epochs']}" in text
+    assert "| torch | m-SAM (m=16) | 80.0 | 80.0 | 30.0 |" in text
+    assert accuracy.targets(res) == []  # the targets hold for the study's epochs only
+    full = dict(res, settings=dict(res["settings"], epochs=study["config"]["epochs"]))
+    assert ("digits, 40 % noise, torch: SAM >= SGD + 5 points", "70.0 vs 50.0", True) in (
+        accuracy.targets(full))
+    assert ("digits, 40 % noise, jax: m-SAM (m=16) >= SAM", "80.0 vs 70.0", True) in (
+        accuracy.targets(full))
+
+
+def test_smoke_digits_run_trains_for_real() -> None:
+    """One real smoke run of the digits path (torch): SAM and m-SAM differ from SGD."""
+    res = accuracy.run(compare.section_config(backends=("torch",), data_dir="/nonexistent",
+                                              threads=None), Progress(enabled=False))
+    assert res["dataset"] == "digits" and res["backends"] == ["torch"]
+    assert set(res["runs"]) == {"torch SGD", "torch SAM", "torch m-SAM (m=16)"}
+    finals = {}
+    for name, run in res["runs"].items():
+        assert [h["epoch"] for h in run["history"]] == [1, 2]
+        h = run["history"][-1]
+        assert 0.0 <= h["test_acc"] <= 1.0 and 0.0 <= h["noisy_fit"] <= 1.0
+        finals[name] = h["test_loss"]
+    assert len(set(finals.values())) == 3
+    # the records are the label-noise study's: the same fields as its results.json
+    assert {"final_test_acc", "noisy_fit", "rho", "m_sharpness", "wall_s"} <= set(
+        res["records"][0])
+
+
+def test_cifar_runs_go_through_the_examples_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CIFAR-10 each run is one call of the examples' training function of its backend,
+    in the section's hyperparameters, and the landscape uses the trained torch models."""
+    from benchmarks._common import ASAM_RHO, LR, MOMENTUM, RHO, WEIGHT_DECAY
+    from examples import train_jax, train_torch
+
+    data = write_fake_cifar10(tmp_path / "data")
+    calls: list[tuple[str, types.SimpleNamespace]] = []
+    models = []
+
+    def fake_torch(config: types.SimpleNamespace, progress: object = None) -> tuple:
+        calls.append(("torch", config))
+        torch.manual_seed(len(calls))
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(),
+                                    torch.nn.Linear(2 * 30 * 30, 10))
+        models.append(model)
+        return _fake_history(config, noisy=False), model
+
+    def fake_jax(config: types.SimpleNamespace, progress: object = None) -> list[dict]:
+        calls.append(("jax", config))
+        return _fake_history(config, noisy=False)
+
+    monkeypatch.setattr(train_torch, "train_model", fake_torch)
+    monkeypatch.setattr(train_jax, "train", fake_jax)
+    budget = accuracy.BUDGETS["smoke"]
+    res = accuracy.run(compare.section_config(data_dir=str(data), optimizers=(
+        "sgd", "sam", "asam", "looksam")), Progress(enabled=False))
+    assert [(b, c.optimizer) for b, c in calls] == [
+        ("torch", "sgd"), ("torch", "sam"), ("torch", "asam"), ("torch", "looksam"),
+        ("jax", "sgd"), ("jax", "sam"), ("jax", "asam")]
+    for _, c in calls:
+        assert (c.dataset, c.data_dir, c.lr, c.momentum, c.weight_decay) == (
+            "cifar10", str(data), LR, MOMENTUM, WEIGHT_DECAY)
+        assert (c.schedule, c.label_smoothing, c.seed, c.out) == ("cosine", 0.0, 0, None)
+        assert (c.depth, c.width, c.epochs, c.batch_size, c.limit_train, c.limit_test) == (
+            budget.depth, budget.width, budget.epochs, budget.batch, budget.subset,
+            budget.test_subset)
+        assert c.rho == {"asam": ASAM_RHO}.get(c.optimizer, RHO)
+    assert res["dataset"] == "cifar10"
+    assert set(res["runs"]) == {"torch SGD", "torch SAM", "torch ASAM", "torch looksam",
+                                "jax SGD", "jax SAM", "jax ASAM"}
+    assert res["runs"]["jax SAM"]["history"][-1]["test_acc"] == pytest.approx(0.7)
+    # the landscape of the SGD and SAM solutions: at alpha = 0, their own training loss
+    from examples import data as data_mod
+
+    alphas = res["landscape"]["alphas"]
+    probe = data_mod.load_training_data(accuracy.cifar_config("SGD", budget, str(data))).train
+    probe = data_mod.Split(probe.images[:500], probe.labels[:500])
+    for kind, model in (("SGD", models[0]), ("SAM", models[1])):
+        expected = accuracy.loss_landscape(model, probe, data_mod, np.array([0.0]))[0]
+        assert res["landscape"]["train_loss"][kind][alphas.index(0.0)] == pytest.approx(
+            expected, rel=1e-6)
+    text = "\n".join(accuracy.report(res))
+    assert "examples.train_torch.train_model" in text and "| jax SAM | 0.7000 |" in text
+
+
+def test_the_accuracy_section_keeps_no_training_loop() -> None:
+    source = inspect.getsource(accuracy)
+    for loop_marker in (".backward(", "first_step", "second_step", "optax.apply_updates",
+                        "value_and_grad"):
+        assert loop_marker not in source
 
 
 def test_budget_presets_and_pairs() -> None:
