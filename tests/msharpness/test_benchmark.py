@@ -34,8 +34,15 @@ def test_run_torch_quick_reports_every_path():
     assert {v["m"] for v in result["verdicts"]} == {4, 8}
     assert set(result["auto_choice"]["torch"]) == {"4", "8"}
     assert progress.n > 0
-    text = msharpness.report(result)
-    assert "| m=4 loop |" in text and "Targets" in text and result["machine"]["cpu"] in text
+    lines = msharpness.report(result)
+    assert isinstance(lines, list) and "### Targets (fastest path / batch-SAM step)" in lines
+    text = msharpness.markdown(result)  # the standalone report.md
+    assert text.startswith("# m-sharpness on one device")
+    assert "| m=4 loop |" in text and "## Targets" in text and result["machine"]["cpu"] in text
+    (target,) = msharpness.targets(result)  # m = 4 (<= 1.5x); m = 8 has no target
+    ratio = next(v["ratio"] for v in result["verdicts"] if v["m"] == 4)
+    assert target[0].startswith("torch m-SAM step, m=4, fastest path <= 1.5x batch-SAM step")
+    assert target[1].startswith(f"{ratio:.2f}x") and target[2] == (ratio <= 1.5)
 
 
 def test_memory_worker_measures_a_fresh_process():
