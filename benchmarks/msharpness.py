@@ -789,7 +789,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(config, progress)
     if progress is not None:
         progress.close()
-    result["command"] = "python -m benchmarks.msharpness " + " ".join(argv if argv is not None else sys.argv[1:])
+    from benchmarks.compare import shown_path
+
+    shown = list(argv if argv is not None else sys.argv[1:])
+    for i, a in enumerate(shown):  # the report names no folder of this machine
+        if a.startswith("--out="):
+            shown[i] = "--out=" + shown_path(a.split("=", 1)[1])
+        elif i > 0 and shown[i - 1] == "--out":
+            shown[i] = shown_path(a)
+    result["command"] = " ".join(["python -m benchmarks.msharpness", *shown])
     text = markdown(result)
     print(text)
     if args.out:

@@ -50,3 +50,15 @@ def test_memory_worker_measures_a_fresh_process():
     cfg.update(msharpness.QUICK_CONFIG)
     out = msharpness._measure_memory("torch", ["m=4 loop"], cfg, None)
     assert out["m=4 loop"]["peak_rss_delta_bytes"] >= 0, out
+
+
+def test_standalone_cli_writes_its_own_report_without_machine_paths(tmp_path, capsys):
+    out = tmp_path / "out"
+    result = msharpness.main(["--quick", "--backends", "torch", "--ms", "4", "--repeats", "1",
+                              "--warmup", "0", "--no-memory", "--no-profile", "--out", str(out)])
+    capsys.readouterr()
+    text = (out / "report.md").read_text()
+    assert text == msharpness.markdown(result) + "\n"
+    assert json.loads((out / "results.json").read_text())["verdicts"] == result["verdicts"]
+    assert "Command: `python -m benchmarks.msharpness --quick" in text and "--out DIR`" in text
+    assert str(tmp_path) not in text
