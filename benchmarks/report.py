@@ -402,8 +402,8 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> str:
             md += [f"† few repeats ({results.get('mode')} run): rerun with `--full` before "
                    "quoting.", ""]
     else:
-        md += ["No target is measured by the sections of this run (targets: sections 1, 2, 3, "
-               "6 and 7).", ""]
+        md += ["No target is measured by the sections of this run (targets: sections 1, 2, 3 "
+               "and 6).", ""]
     titles = results.get("section_titles", {})
     for name in results.get("sections", []):
         md += _section_part(name, titles.get(name, name), results.get(name, {}))
