@@ -26,6 +26,8 @@ Sections (``benchmarks/<name>.py``, each ``run(config, progress) -> dict``; see
    loss-landscape plot through the SGD and SAM solutions; without it, SGD vs SAM vs m-SAM on
    the bundled digits with 40 % label noise. Both train through the examples' functions.
 6. ``variants``: cost of one training step of each SAM-family variant, as a ratio to SGD.
+7. ``msharpness``: an m-SAM step (``m_sharpness_step``, ``m_sharpness_update``) against a
+   batch-SAM step, every execution path of both backends.
 
 A missing peer (``pytorch_optimizer``, ``jax``/``optax``/``flax``) is reported as missing.
 """
@@ -74,7 +76,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("memory", "benchmarks.memory"),
     Section("step", "benchmarks.step"),
     Section("variants", "benchmarks.variants"),
-    Section("msharpness", "benchmarks.msharpness", optional=True),
+    Section("msharpness", "benchmarks.msharpness"),
     Section("accuracy", "benchmarks.accuracy"),
     Section("agreement", "benchmarks.agreement"),  # last: it switches JAX to float64 a while
 )

@@ -23,9 +23,13 @@ reset after setup and compilation), and for JAX also XLA's planned scratch memor
 compiled step. Where a cost target is missed, a profile splits the m-SAM step into its
 forward-backward passes at batch m and the rest.
 
-The module follows the benchmarks' section signature: :func:`run` takes a config dict and
-an optional ``tqdm``-like ``progress`` (``.update(n)``) and returns a JSON-ready dict;
-:func:`report` renders it as markdown.
+Section 7 of the main job (``benchmarks/compare.py``): :func:`run` takes the main job's
+config (``mode``: ``"smoke"`` tiny sizes, torch only; ``"quick"`` WRN-10-1 at batch 64,
+m in {4, 16}, 3 rounds, no profile and no fresh-process memory; ``"full"`` the sizes above
+with every figure; and ``backends``, ``threads``, ``repeats``, ``device``) and its
+``progress``, and returns a JSON-ready dict; :func:`report` renders it as markdown lines and
+:func:`targets` gives the issue's cost targets. Run alone (``python -m benchmarks.msharpness``),
+it takes the flags below and writes its own ``report.md`` (:func:`markdown`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,10 @@ if str(_ROOT) not in sys.path:  # run as a script: make `examples` and `benchmar
 
 from benchmarks._timing import interleaved_times, machine_info, paired_ratio, summarize  # noqa: E402
 
-__all__ = ["DEFAULT_CONFIG", "report", "run"]
+__all__ = ["DEFAULT_CONFIG", "ESTIMATE_S", "SIZES", "TITLE", "markdown", "report", "run",
+           "targets"]
+
+TITLE = "7. m-sharpness: cost of an m-SAM step"
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "depth": 16,
@@ -65,6 +72,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "profile": True,
     "probe_rolled_scan": True,  # time a rolled lax.scan once (slow on XLA:CPU) at the middle m
     "threads": None,  # informational: set OMP_NUM_THREADS / XLA_FLAGS before torch/jax start
+    "device": "cpu",  # torch's; JAX uses its default backend
     "rho": 0.05,
     "lr": 0.1,
     "momentum": 0.9,
@@ -75,6 +83,20 @@ QUICK_CONFIG: dict[str, Any] = {
 }
 #: The issue's cost targets on CPU: fastest m-SAM path / batch-SAM step at m = 16 and m = 4.
 TARGETS = {16: 1.2, 4: 1.5}
+#: Sizes per run mode of the main job (over :data:`DEFAULT_CONFIG`). The smoke run is torch
+#: only (each JAX path compiles its own step); the quick run keeps every path of both
+#: backends on a WRN small enough for its few-minute budget, without the profile and the
+#: fresh-process peak RSS; the full run is the issue's WRN-16-2 at batch 128 with every figure.
+SIZES: dict[str, dict[str, Any]] = {
+    "smoke": {"depth": 10, "width": 1, "batch": 8, "ms": [2, 4], "repeats": 2, "warmup": 1,
+              "memory": False, "profile": False, "probe_rolled_scan": False, "jax": False},
+    "quick": {"depth": 10, "width": 1, "batch": 64, "ms": [4, 16], "repeats": 3, "warmup": 1,
+              "memory": False, "profile": False, "probe_rolled_scan": False, "jax": True},
+    "full": {"jax": True},
+}
+#: Expected seconds on 2 CPU cores, for the progress bar's ETA (the full run's JAX paths
+#: compile for minutes at WRN-16-2: the unrolled scan at m = 4 is 32 chunks).
+ESTIMATE_S = {"smoke": 10, "quick": 90, "full": 3000}
 
 
 def _tick(progress: Any, n: int = 1) -> None:
@@ -90,12 +112,22 @@ def _torch_setup(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
 
     from examples.wrn_torch import WideResNet
 
+    device = torch.device(cfg.get("device", "cpu"))
     torch.manual_seed(0)
-    model = WideResNet(cfg["depth"], cfg["width"]).train()
+    model = WideResNet(cfg["depth"], cfg["width"]).train().to(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch"], 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (cfg["batch"],), generator=gen)
+    x = torch.randn(cfg["batch"], 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (cfg["batch"],), generator=gen).to(device)
     return model, x, y
+
+
+def _torch_sync(cfg: dict[str, Any]) -> Callable[[Any], None] | None:
+    import torch
+
+    device = torch.device(cfg.get("device", "cpu"))
+    if device.type == "cuda":
+        return lambda _=None: torch.cuda.synchronize(device)
+    return None
 
 
 def _torch_paths(cfg: dict[str, Any], model0: Any, x: Any, y: Any) -> dict[str, Callable[[], Any]]:
@@ -181,7 +213,7 @@ def _torch_profile(cfg: dict[str, Any], m: int, model0: Any, x: Any, y: Any) -> 
 
     times = interleaved_times(
         {"fwd_bwd_B": fwd_bwd(b), f"fwd_bwd_m{m}_x{k}": fwd_bwd(m), "perturb_restore_xk": perturb_restore},
-        repeats=max(3, cfg["repeats"] // 2), warmup=1,
+        repeats=max(3, cfg["repeats"] // 2), warmup=1, sync=_torch_sync(cfg),
     )
     med = {name: summarize(ts)["median_ms"] for name, ts in times.items()}
     return {
@@ -198,12 +230,12 @@ def run_torch(cfg: dict[str, Any], progress: Any = None) -> dict[str, Any]:
 
     model0, x, y = _torch_setup(cfg)
     fns = _torch_paths(cfg, model0, x, y)
-    times = interleaved_times(fns, repeats=cfg["repeats"], warmup=cfg["warmup"])
-    _tick(progress, len(fns))
+    times = interleaved_times(fns, repeats=cfg["repeats"], warmup=cfg["warmup"],
+                              sync=_torch_sync(cfg), on_round=lambda: _tick(progress))
     rows = _rows(times, "batch SAM", "SGD")
     out: dict[str, Any] = {
         "model": f"WRN-{cfg['depth']}-{cfg['width']}", "batch": cfg["batch"],
-        "device": "cpu", "threads": torch.get_num_threads(), "rows": rows,
+        "device": str(x.device), "threads": torch.get_num_threads(), "rows": rows,
     }
     if cfg["profile"]:
         out["profile"] = [_torch_profile(cfg, m, model0, x, y) for m in cfg["ms"]]
@@ -280,9 +312,10 @@ def _jax_setup(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"jax": jax, "variables": variables, "steps": steps, "vg": vg, "x": x, "y": y}
 
 
-def _jax_memory_plan(fn: Any, args: tuple[Any, ...]) -> int | None:
+def _jax_memory_plan(compiled: Any) -> int | None:
+    """XLA's planned scratch memory of a compiled step (``None`` where it does not say)."""
     try:
-        analysis = fn.lower(*args).compile().memory_analysis()
+        analysis = compiled.memory_analysis()
     except Exception:
         return None
     return None if analysis is None else int(analysis.temp_size_in_bytes)
@@ -345,15 +378,16 @@ def run_jax(cfg: dict[str, Any], progress: Any = None) -> dict[str, Any]:
     compile_s: dict[str, float] = {}
     for name, (step, tx) in setup["steps"].items():
         state = tx.init(params)
-        jitted = jax.jit(step)
         t0 = time.perf_counter()
-        plans[name] = _jax_memory_plan(jitted, (params, stats, state))
-        jax.block_until_ready(jitted(params, stats, state))
+        # Compiled once, ahead of time: the same executable gives the memory plan and runs.
+        compiled = jax.jit(step).lower(params, stats, state).compile()
+        plans[name] = _jax_memory_plan(compiled)
+        jax.block_until_ready(compiled(params, stats, state))
         compile_s[name] = time.perf_counter() - t0
-        fns[name] = lambda f=jitted, s=state: f(params, stats, s)
+        fns[name] = lambda f=compiled, s=state: f(params, stats, s)
         _tick(progress)
     times = interleaved_times(fns, repeats=cfg["repeats"], warmup=cfg["warmup"],
-                              sync=jax.block_until_ready)
+                              sync=jax.block_until_ready, on_round=lambda: _tick(progress))
     rows = _rows(times, "batch SAM", "SGD")
     for name, row in rows.items():
         row["xla_temp_bytes"] = plans[name]
@@ -460,16 +494,61 @@ def _verdicts(backend: str, res: dict[str, Any], ms: list[int]) -> list[dict[str
     return out
 
 
-def run(config: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+def _section_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The main job's config as this module's: the mode's :data:`SIZES` over
+    :data:`DEFAULT_CONFIG`, with ``backends``, ``threads``, ``repeats`` and ``device``
+    (other keys are the other sections'); and why JAX is left out, if it is."""
+    from benchmarks._common import jax_unavailable, sized
+
+    size = dict(sized(config, SIZES))
+    with_jax = size.pop("jax")
+    cfg = {**DEFAULT_CONFIG, **size}
+    cfg["backends"] = [b for b in ("torch", "jax") if b in config.get("backends", ("torch", "jax"))]
+    cfg["device"] = str(config.get("device") or "cpu")
+    if config.get("threads"):
+        cfg["threads"] = int(config["threads"])
+    if config.get("repeats"):
+        cfg["repeats"] = int(config["repeats"])
+    jax_note = None
+    if "jax" in cfg["backends"]:
+        jax_note = "not in the smoke run" if not with_jax else jax_unavailable(config)
+        if jax_note:
+            cfg["backends"].remove("jax")
+    return cfg, jax_note
+
+
+def _backend_bar(progress: Any, backend: str, cfg: dict[str, Any]) -> Any:
+    """A bar inside the main job's section (its ``Progress``), or ``progress`` itself (a
+    ``tqdm``-like object with ``.update(n)``, or ``None``) when run alone."""
+    if progress is None or not hasattr(progress, "tick"):
+        return progress
+    rounds = cfg["warmup"] + cfg["repeats"]
+    n_paths = 2 + 2 * len(cfg["ms"])
+    profile = len(cfg["ms"]) if cfg["profile"] else 0
+    if backend == "torch":
+        memory = n_paths if cfg["memory"] and "torch" in cfg["rss_backends"] else 0
+        return progress.tick(rounds + profile + memory, "torch: rounds of every path")
+    memory = n_paths if cfg["memory"] and "jax" in cfg["rss_backends"] else 0
+    return progress.tick(n_paths + rounds + profile + memory,
+                         "JAX: compile each path, then rounds")
+
+
+def run(config: Mapping[str, Any], progress: Any = None) -> dict[str, Any]:
     """Measure an m-SAM step against a batch-SAM step; return every figure (JSON-ready).
 
-    ``config`` overrides :data:`DEFAULT_CONFIG` (``{"quick": True}`` for tiny sizes).
-    ``progress``: ``None`` or an object with ``.update(n)`` (e.g. ``tqdm``).
+    ``config``: the main job's (with ``mode``; see :data:`SIZES`), or, run alone, overrides
+    of :data:`DEFAULT_CONFIG` (``{"quick": True}`` for tiny sizes).
+    ``progress``: the main job's ``Progress``, ``None`` or an object with ``.update(n)``
+    (e.g. ``tqdm``).
     """
-    cfg = dict(DEFAULT_CONFIG)
-    if config.get("quick"):
-        cfg.update(QUICK_CONFIG)
-    cfg.update({k: v for k, v in config.items() if k != "quick"})
+    jax_note = None
+    if "mode" in config:
+        cfg, jax_note = _section_config(config)
+    else:
+        cfg = dict(DEFAULT_CONFIG)
+        if config.get("quick"):
+            cfg.update(QUICK_CONFIG)
+        cfg.update({k: v for k, v in config.items() if k != "quick"})
     for m in cfg["ms"]:
         if cfg["batch"] % m:
             raise ValueError(f"every m must divide the batch {cfg['batch']}, got m={m}")
@@ -480,18 +559,25 @@ def run(config: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "targets": {str(m): t for m, t in TARGETS.items()},
     }
+    if "mode" in config:
+        result["mode"] = config["mode"]
+    if jax_note:
+        result["jax"] = {"error": jax_note}
     t0 = time.perf_counter()
     verdicts = []
     for backend in cfg["backends"]:
+        bar = _backend_bar(progress, backend, cfg)
         try:
-            res = run_torch(cfg, progress) if backend == "torch" else run_jax(cfg, progress)
+            res = run_torch(cfg, bar) if backend == "torch" else run_jax(cfg, bar)
         except ImportError as exc:
             result[backend] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
         if cfg["memory"] and backend in cfg["rss_backends"]:
-            mem = _measure_memory(backend, list(res["rows"]), cfg, progress)
+            mem = _measure_memory(backend, list(res["rows"]), cfg, bar)
             for name, row in res["rows"].items():
                 row.update(mem.get(name, {}))
+        if bar is not progress:
+            bar.close()
         result[backend] = res
         verdicts += _verdicts(backend, res, cfg["ms"])
     result["verdicts"] = verdicts
@@ -518,16 +604,12 @@ def _fmt_bytes(n: Any) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
 
 
-def report(result: dict[str, Any]) -> str:
-    """The result as markdown: one table per backend, the targets, the profiles."""
-    cfg, mach = result["config"], result["machine"]
+def markdown(result: dict[str, Any]) -> str:
+    """The standalone report (``report.md`` of ``python -m benchmarks.msharpness``): a title,
+    the machine, the commands, then :func:`report`'s tables."""
+    mach = result["machine"]
     lines = [
         "# m-sharpness on one device: cost of an m-SAM step",
-        "",
-        f"WRN-{cfg['depth']}-{cfg['width']}, batch {cfg['batch']}, float32, BatchNorm in training "
-        f"mode, SGD momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, rho "
-        f"{cfg['rho']}. {cfg['repeats']} interleaved rounds after {cfg['warmup']} warm-up "
-        "rounds; ratios are medians of per-round ratios (95% bootstrap interval).",
         "",
         f"Machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs, {mach['threads']} threads; "
         f"torch {mach.get('torch')}, jax {mach.get('jax')}, flax {mach.get('flax')}. "
@@ -537,6 +619,31 @@ def report(result: dict[str, Any]) -> str:
     for command in result.get("commands") or [result.get("command")]:
         if command:
             lines += [f"Command: `{command}`", ""]
+    return "\n".join(lines + report(result, level=2))
+
+
+def report(result: dict[str, Any], level: int = 3) -> list[str]:
+    """The result as markdown lines: one table per backend, the targets, the profiles
+    (headings at ``level``: 3 under the main job's section heading, 2 alone)."""
+    cfg = result["config"]
+    h = "#" * level
+    lines = [
+        f"WRN-{cfg['depth']}-{cfg['width']}, batch {cfg['batch']}, m in "
+        f"{{{', '.join(str(m) for m in cfg['ms'])}}}, float32, BatchNorm in training "
+        f"mode, SGD momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, rho "
+        f"{cfg['rho']}. {cfg['repeats']} interleaved rounds after {cfg['warmup']} warm-up "
+        "rounds; ratios are medians of per-round ratios (95% bootstrap interval).",
+        "",
+    ]
+    mode = result.get("mode")
+    if mode in ("smoke", "quick"):
+        lines += [
+            f"The {mode} run's sizes"
+            + (" (torch only: each JAX path compiles its own step)" if mode == "smoke" else "")
+            + ", without the profile and the per-path peak memory; the issue's targets are "
+            "defined on WRN-16-2 at batch 128, m in {4, 16, 32}: `--full` measures that, "
+            "with both, on every path.", "",
+        ]
     if result.get("notes"):
         lines += [result["notes"], ""]
     for backend in ("torch", "jax"):
@@ -544,10 +651,10 @@ def report(result: dict[str, Any]) -> str:
         if res is None:
             continue
         if "error" in res:
-            lines += [f"## {backend}", "", f"not measured: {res['error']}", ""]
+            lines += [f"{h} {backend}", "", f"not measured: {res['error']}", ""]
             continue
         lines += [
-            f"## {backend} ({res['device']})", "",
+            f"{h} {backend} ({res['device']})", "",
             "| path | median ms | / batch SAM (95% CI) | / SGD | peak RSS delta | XLA scratch |",
             "|---|---|---|---|---|---|",
         ]
@@ -588,7 +695,7 @@ def report(result: dict[str, Any]) -> str:
                         "`impl=\"scan\"` unrolls by default.", "",
                     ]
     if result.get("verdicts"):
-        lines += ["## Targets (fastest path / batch-SAM step)", "",
+        lines += [f"{h} Targets (fastest path / batch-SAM step)", "",
                   "| backend | m | fastest path | ratio | target | met |", "|---|---|---|---|---|---|"]
         for v in result["verdicts"]:
             met = "-" if v["met"] is None else ("yes" if v["met"] else "**no**")
@@ -600,7 +707,26 @@ def report(result: dict[str, Any]) -> str:
         lines += ["Faster path per m (what `\"auto\"` picks on this device): "
                   + "; ".join(f"{b}: " + ", ".join(f"m={m} {p}" for m, p in c.items())
                               for b, c in result["auto_choice"].items()), ""]
-    return "\n".join(lines)
+    return lines
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The issue's cost targets, per backend: the fastest m-SAM path's step time over a
+    batch-SAM step's at m = 16 (<= 1.2x) and m = 4 (<= 1.5x). They are defined on CPU: on
+    another device the figure is reported and ``holds`` is ``None``."""
+    out: list[tuple[str, str, bool | None]] = []
+    for v in result.get("verdicts", []):
+        if v["target"] is None:
+            continue
+        res = result.get(v["backend"], {})
+        on_cpu = str(res.get("device", "cpu")).startswith("cpu")
+        out.append((
+            f"{v['backend']} m-SAM step, m={v['m']}, fastest path <= {v['target']}x batch-SAM "
+            f"step ({res.get('model', '?')}, batch {res.get('batch', '?')}, CPU)",
+            f"{v['ratio']:.2f}x ({v['fastest_path']})",
+            (v["ratio"] <= v["target"]) if on_cpu else None,
+        ))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -663,8 +789,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(config, progress)
     if progress is not None:
         progress.close()
-    result["command"] = "python -m benchmarks.msharpness " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(result)
+    from benchmarks.compare import shown_path
+
+    shown = list(argv if argv is not None else sys.argv[1:])
+    for i, a in enumerate(shown):  # the report names no folder of this machine
+        if a.startswith("--out="):
+            shown[i] = "--out=" + shown_path(a.split("=", 1)[1])
+        elif i > 0 and shown[i - 1] == "--out":
+            shown[i] = shown_path(a)
+    result["command"] = " ".join(["python -m benchmarks.msharpness", *shown])
+    text = markdown(result)
     print(text)
     if args.out:
         out = Path(args.out)

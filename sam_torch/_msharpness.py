@@ -287,15 +287,19 @@ def _finish(
     optimizer: SAM, skip: bool, clean_loss: Tensor, perturbed_loss: Tensor,
     grad_norm: Tensor | None,
 ) -> Tensor:
-    """Apply the base step (or skip it) and set the figures ``step(closure)`` sets."""
+    """Apply the base step (or skip it) and set the figures ``step(closure)`` sets.
+
+    The end-of-step book-keeping is SAM's own (``_finish_step``): ``step_skipped``, the LR
+    schedulers' mark, and ``consecutive_skips`` (a skipped step counts towards
+    ``max_consecutive_skips``, which raises after the figures are set; a step taken resets it).
+    """
     if not skip:
         with torch.no_grad():
             optimizer.base_optimizer.step()
-    optimizer.step_skipped = skip
-    optimizer._opt_called = True  # tells LR schedulers an optimizer step happened
     optimizer.grad_norm = grad_norm
     optimizer.loss = clean_loss.detach()
     optimizer.perturbed_loss = perturbed_loss.detach()
+    optimizer._finish_step(skip)
     return optimizer.loss
 
 

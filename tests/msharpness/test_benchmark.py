@@ -34,8 +34,15 @@ def test_run_torch_quick_reports_every_path():
     assert {v["m"] for v in result["verdicts"]} == {4, 8}
     assert set(result["auto_choice"]["torch"]) == {"4", "8"}
     assert progress.n > 0
-    text = msharpness.report(result)
-    assert "| m=4 loop |" in text and "Targets" in text and result["machine"]["cpu"] in text
+    lines = msharpness.report(result)
+    assert isinstance(lines, list) and "### Targets (fastest path / batch-SAM step)" in lines
+    text = msharpness.markdown(result)  # the standalone report.md
+    assert text.startswith("# m-sharpness on one device")
+    assert "| m=4 loop |" in text and "## Targets" in text and result["machine"]["cpu"] in text
+    (target,) = msharpness.targets(result)  # m = 4 (<= 1.5x); m = 8 has no target
+    ratio = next(v["ratio"] for v in result["verdicts"] if v["m"] == 4)
+    assert target[0].startswith("torch m-SAM step, m=4, fastest path <= 1.5x batch-SAM step")
+    assert target[1].startswith(f"{ratio:.2f}x") and target[2] == (ratio <= 1.5)
 
 
 def test_memory_worker_measures_a_fresh_process():
@@ -43,3 +50,15 @@ def test_memory_worker_measures_a_fresh_process():
     cfg.update(msharpness.QUICK_CONFIG)
     out = msharpness._measure_memory("torch", ["m=4 loop"], cfg, None)
     assert out["m=4 loop"]["peak_rss_delta_bytes"] >= 0, out
+
+
+def test_standalone_cli_writes_its_own_report_without_machine_paths(tmp_path, capsys):
+    out = tmp_path / "out"
+    result = msharpness.main(["--quick", "--backends", "torch", "--ms", "4", "--repeats", "1",
+                              "--warmup", "0", "--no-memory", "--no-profile", "--out", str(out)])
+    capsys.readouterr()
+    text = (out / "report.md").read_text()
+    assert text == msharpness.markdown(result) + "\n"
+    assert json.loads((out / "results.json").read_text())["verdicts"] == result["verdicts"]
+    assert "Command: `python -m benchmarks.msharpness --quick" in text and "--out DIR`" in text
+    assert str(tmp_path) not in text

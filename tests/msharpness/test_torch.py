@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -323,6 +324,33 @@ def test_nonfinite_chunk_skips_the_step(policy, vectorize):
     assert not opt.step_skipped
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_skipped_steps_count_towards_max_consecutive_skips(vectorize):
+    """A skipped m-SAM step counts as step(closure)'s does; a step taken resets the count."""
+    model, x, y = _bn_model_and_data()
+    opt = _sam(_bn_groups(model, False), max_consecutive_skips=2)
+    x_bad = x.clone()
+    x_bad[9, 0, 2, 2] = float("nan")  # chunk 2 of 4
+    step = functools.partial(sam_torch.m_sharpness_step, opt, model, _ce_loss, m=4,
+                             vectorize=vectorize)
+    assert opt.consecutive_skips == 0
+    step((x_bad, y))
+    step((x_bad, y))
+    assert opt.step_skipped and opt.consecutive_skips == 2
+    step((x, y))
+    assert not opt.step_skipped and opt.consecutive_skips == 0
+    step((x_bad, y))
+    step((x_bad, y))
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"3 consecutive SAM steps were skipped.*"
+                                           r"max_consecutive_skips=2"):
+        step((x_bad, y))
+    assert opt.consecutive_skips == 3 and opt.step_skipped and not opt.is_perturbed
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p.detach(), w)  # the last finite weights
+    assert torch.isnan(opt.loss)  # the figures of the step are set before it raises
+
+
 def test_skip_nonfinite_false_lets_nan_through():
     model, x, y = _bn_model_and_data()
     opt = _sam(_bn_groups(model, False), skip_nonfinite=False)
@@ -392,7 +420,8 @@ def test_bad_m_and_batches_raise():
         (sam_torch.WSAM, {}),
         (sam_torch.FriendlySAM, {}),
         (sam_torch.LookSAM, {}),
-        (sam_torch.MomentumSAM, {}),
+        # MomentumSAM needs a base optimizer with momentum (momentum=0 is refused at construction)
+        (sam_torch.MomentumSAM, {"momentum": 0.9}),
     ],
 )
 def test_variants_without_a_definition_raise(cls, kw):
