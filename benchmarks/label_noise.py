@@ -112,8 +112,10 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
             "label_smoothing": 0.0,
             "label_noise": 0.4,
         },
-        "rho": {"sam": 0.1, "sam/m": 0.05, "asam": 0.5},
-        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.02, 0.05, 0.1), "asam": (0.5, 1.0)},
+        # m-SAM: 0.1, the better of the two swept values (at 0.05 it still memorizes ~95 %
+        # of the flipped labels); SAM: 0.1 (not swept on this subset).
+        "rho": {"sam": 0.1, "sam/m": 0.1, "asam": 0.5},
+        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.05, 0.1), "asam": (0.5, 1.0)},
     },
 }
 
