@@ -85,12 +85,13 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
             "label_smoothing": 0.0,
             "label_noise": 0.4,
         },
-        # SAM: 0.1 is the best of the sweep (0.05 leaves a third of the noise memorized,
-        # 0.2 does not train); see the report's sweep table.
-        "rho": {"sam": 0.1, "sam/m": 0.05, "asam": 0.5},
+        # The best final accuracy of each form's sweep (the report's sweep table): SAM 0.1
+        # (0.05 leaves a third of the noise memorized, 0.2 does not train), m-SAM 0.07
+        # (0.05 leaves a quarter memorized, 0.1 does not train).
+        "rho": {"sam": 0.1, "sam/m": 0.07, "asam": 0.5},
         "sweep": {
             "sam": (0.02, 0.05, 0.1, 0.2),
-            "sam/m16": (0.02, 0.05, 0.1, 0.2),
+            "sam/m16": (0.02, 0.03, 0.05, 0.07, 0.1, 0.2),
             "asam": (0.2, 0.5, 1.0, 2.0),
         },
     },
@@ -111,8 +112,10 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
             "label_smoothing": 0.0,
             "label_noise": 0.4,
         },
-        "rho": {"sam": 0.1, "sam/m": 0.05, "asam": 0.5},
-        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.02, 0.05, 0.1), "asam": (0.5, 1.0)},
+        # m-SAM: 0.1, the better of the two swept values (at 0.05 it still memorizes ~95 %
+        # of the flipped labels); SAM: 0.1 (not swept on this subset).
+        "rho": {"sam": 0.1, "sam/m": 0.1, "asam": 0.5},
+        "sweep": {"sam": (0.05, 0.1, 0.2), "sam/m16": (0.05, 0.1), "asam": (0.5, 1.0)},
     },
 }
 
@@ -535,8 +538,9 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
         sgd = table.get("SGD")
         sam = table.get("SAM")
         msams = [r for label, r in table.items() if label.startswith("m-SAM")]
-        if sgd is None or sam is None:
+        if sgd is None or (sam is None and not msams):
             continue
+        sam = sam or msams[0]
         s, a = 100 * sgd["final_test_acc"][0], 100 * sam["final_test_acc"][0]
         seeds = min(len(r["seeds"]) for r in (sgd, sam, *msams))
         head = f"{dataset}, {round(100 * noise)} % noise, {backend} ({seeds} seeds)"
@@ -552,6 +556,8 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
             best = max([sam, *msams], key=lambda r: r["final_test_acc"][0])
             b = 100 * best["final_test_acc"][0]
             ok = b >= s + 5
+            seeds = min(len(sgd["seeds"]), len(best["seeds"]))
+            head = f"{dataset}, {round(100 * noise)} % noise, {backend} ({seeds} seeds)"
             lines.append(f"- {head}: best of SAM/m-SAM ({best['label']}) {b:.1f} >= SGD "
                          f"{s:.1f} + 5: {'PASS' if ok else 'MISS'}")
             nf = sgd["noisy_fit"]
@@ -611,7 +617,7 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[str]:
                     ys,
                     color=colors[label],
                     linestyle="-" if backend == "torch" else "--",
-                    label=f"{label}, {backend} ({len(rs)} seeds)",
+                    label=f"{label}, {backend} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
                 )
         axes[0].set_title(f"{dataset}, {round(100 * noise)} % label noise: test accuracy")
         axes[0].set_ylabel("test accuracy (%)")
@@ -651,7 +657,10 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "deviation over seeds, in percent. `noisy_fit`: fraction of flipped training examples "
         "predicted as their noisy label (memorization), `clean_fit`: fraction of the other "
         "training examples predicted correctly; both in eval mode after the last epoch. "
-        "Written by `python -m benchmarks.label_noise` (see the commands below).",
+        "Written by `python -m benchmarks.label_noise` (see the commands below); each run "
+        "is one call of `examples.train_torch.train` or `examples.train_jax.train` with one "
+        "thread (JAX m-SAM with `m_sharpness_impl='vectorized'`, the faster form here; same "
+        "numbers as the scan form).",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
