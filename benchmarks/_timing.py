@@ -27,6 +27,22 @@ __all__ = [
 ]
 
 
+
+def limit_threads_env(threads: int) -> None:
+    """Limit torch's and XLA's CPU threads through the environment of this process (and of
+    processes it starts). Takes effect only if called before torch/JAX start their pools.
+
+    ``OMP_NUM_THREADS`` is set unless already set; XLA gets ``--xla_cpu_multi_thread_eigen``
+    (false for one thread). Only valid ``--`` flags are added: XLA stops reading ``XLA_FLAGS``
+    at a token that is not one, which would silently drop every flag after it (for example a
+    test's ``--xla_force_host_platform_device_count``).
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_cpu_multi_thread_eigen" not in flags:
+        eigen = "false" if threads == 1 else "true"
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen={eigen}".strip()
+
 def interleaved_times(
     fns: Mapping[str, Callable[[], Any]],
     *,

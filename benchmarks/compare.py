@@ -116,13 +116,9 @@ def _early_threads(argv: list[str]) -> None:
         elif a.startswith("--threads="):
             value = a.split("=", 1)[1]
         if value is not None and value.isdigit():
-            os.environ.setdefault("OMP_NUM_THREADS", value)
-            flags = os.environ.get("XLA_FLAGS", "")
-            if "intra_op_parallelism_threads" not in flags:
-                os.environ["XLA_FLAGS"] = (
-                    f"{flags} --xla_cpu_multi_thread_eigen={'false' if value == '1' else 'true'}"
-                    f" intra_op_parallelism_threads={value}"
-                ).strip()
+            from benchmarks._timing import limit_threads_env
+
+            limit_threads_env(int(value))
 
 
 def _choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:

@@ -51,6 +51,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from benchmarks._timing import limit_threads_env
+
 __all__ = [
     "DATASET_SETTINGS",
     "PRESETS",
@@ -322,21 +324,16 @@ def plan_runs(
 
 
 def _single_thread_env() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """One thread per run: for the worker processes and the command line, before torch/JAX
+    start (never inside a process that already runs them, e.g. the tests)."""
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "intra_op_parallelism_threads" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        ).strip()
+    limit_threads_env(1)
 
 
 def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
     """Train one run (in this process) and return its ``results.json`` record."""
     from examples.cli import make_config
 
-    if threads == 1:
-        _single_thread_env()
     values = spec.overrides()
     if spec.backend == "torch":
         values["threads"] = threads
@@ -857,6 +854,7 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
 
     failures = []
     if args.jobs <= 1:
+        _single_thread_env()  # before the first run imports torch/JAX (a no-op once they run)
         for spec in todo:
             record(execute(spec))
     else:

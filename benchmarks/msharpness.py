@@ -50,7 +50,13 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # run as a script: make `examples` and `benchmarks` importable
     sys.path.insert(0, str(_ROOT))
 
-from benchmarks._timing import interleaved_times, machine_info, paired_ratio, summarize  # noqa: E402
+from benchmarks._timing import (  # noqa: E402
+    interleaved_times,
+    limit_threads_env,
+    machine_info,
+    paired_ratio,
+    summarize,
+)
 
 __all__ = ["DEFAULT_CONFIG", "ESTIMATE_S", "SIZES", "TITLE", "markdown", "report", "run",
            "targets"]
@@ -734,13 +740,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 # --------------------------------------------------------------------------------------
 def _set_threads(n: int) -> None:
     """Thread limits must be in the environment before torch/JAX start their pools."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(n))
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "intra_op_parallelism_threads" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_cpu_multi_thread_eigen={'false' if n == 1 else 'true'}"
-            f" intra_op_parallelism_threads={n}"
-        ).strip()
+    limit_threads_env(n)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
