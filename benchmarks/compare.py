@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "and smaller models, a few minutes on 2 CPU cores")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full run: the figures to quote (about 15 minutes on 2 CPU "
-                           "cores, plus the accuracy section when CIFAR-10 is found)")
+                           "cores, plus the accuracy section and the m-sharpness section at "
+                           "WRN-16-2 size, which alone took about 50 minutes on a busy "
+                           "2-core machine)")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="tiny sizes and one or two repeats: checks that the job runs "
                            "(the tests' mode), its figures mean nothing")

@@ -348,7 +348,8 @@ def _mode_note(results: dict[str, Any]) -> list[str]:
                 "repeats: read them as a first look. For the figures to quote run "
                 "`python benchmarks/compare.py --full` (or `make bench ARGS=--full`; about "
                 "15 minutes on 2 CPU cores, plus about 25 for the accuracy section when "
-                "CIFAR-10 is found).", ""]
+                "CIFAR-10 is found and the m-sharpness section at WRN-16-2 size, which alone "
+                "took about 50 minutes on a busy 2-core machine).", ""]
     if mode == "smoke":
         return ["**Smoke run** (`--smoke`): tiny sizes that check the job runs; its figures "
                 "mean nothing. `python benchmarks/compare.py` is the quick run, `--full` the "
