@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,36 @@ def write_metrics(out: str | os.PathLike[str], history: list[dict[str, Any]], ar
     tmp.write_text(json.dumps({"args": vars(args), "history": history}, indent=1))
     tmp.replace(out / "metrics.json")
 
+
+
+def end_epoch(
+    history: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    config: Any,
+    *,
+    progress: Callable[[dict[str, Any]], Any] | None,
+    out: Path | None,
+    checkpoint: str,
+    save: Callable[[Path], None],
+) -> bool:
+    """The end of an epoch in both backends' loops: record ``metrics`` in ``history``, report
+    it to ``progress``, and with ``out`` write the metrics files and the checkpoint (``save``
+    writes it to a temporary path that then replaces ``out / checkpoint``, so an interrupted
+    write never leaves a broken checkpoint). Returns True when ``--stop-after-epoch`` says to
+    stop here."""
+    history.append(metrics)
+    if progress is not None:
+        progress(metrics)
+    if out is not None:
+        write_metrics(out, history, config)
+        tmp = out / (checkpoint + ".tmp")
+        save(tmp)
+        os.replace(tmp, out / checkpoint)
+    stop = getattr(config, "stop_after_epoch", None)
+    if stop is not None and metrics["epoch"] >= stop:
+        print(f"stopping after epoch {metrics['epoch']} (--stop-after-epoch)")
+        return True
+    return False
 
 def check_chunks(config: Any, n_train: int) -> None:
     """With m-sharpness, every batch (the last, partial one too) must split into chunks of m."""

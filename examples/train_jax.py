@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import pickle
 import sys
 import time
@@ -51,7 +50,7 @@ from flax import serialization
 from tqdm import tqdm
 
 import sam_jax
-from examples.cli import check_chunks, lr_at, parse_args, print_epoch, write_metrics
+from examples.cli import check_chunks, end_epoch, lr_at, parse_args, print_epoch
 from examples.data import Split, TrainingData, batches, epoch_rng, fit_metrics, load_training_data
 from examples.optimizers import OPTAX_OPTIMIZERS, make_optax
 
@@ -342,13 +341,9 @@ def train(
             **fit,
             "epoch_time_s": round(time.perf_counter() - started, 3),
         }
-        history.append(metrics)
-        if progress is not None:
-            progress(metrics)
-        if out is not None:
-            write_metrics(out, history, config)
-            tmp = out / (CHECKPOINT + ".tmp")
-            with open(tmp, "wb") as f:
+
+        def save(path: Path, epoch: int = epoch, state: TrainState = state) -> None:
+            with open(path, "wb") as f:
                 pickle.dump(
                     {
                         "state": serialization.to_state_dict(jax.device_get(state)),
@@ -358,10 +353,9 @@ def train(
                     },
                     f,
                 )
-            os.replace(tmp, out / CHECKPOINT)
-        stop = getattr(config, "stop_after_epoch", None)
-        if stop is not None and epoch + 1 >= stop:
-            print(f"stopping after epoch {epoch + 1} (--stop-after-epoch)")
+
+        if end_epoch(history, metrics, config, progress=progress, out=out,
+                     checkpoint=CHECKPOINT, save=save):
             break
     return history
 

@@ -29,7 +29,6 @@ function of ``(seed, epoch)``).
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sam_torch
-from examples.cli import check_chunks, lr_at, parse_args, print_epoch, write_metrics
+from examples.cli import check_chunks, end_epoch, lr_at, parse_args, print_epoch
 from examples.data import (
     Split,
     TrainingData,
@@ -242,13 +241,9 @@ def train_model(
             **fit,
             "epoch_time_s": round(time.perf_counter() - started, 3),
         }
-        history.append(metrics)
-        if progress is not None:
-            progress(metrics)
-        if out is not None:
-            write_metrics(out, history, config)
-            tmp = out / (CHECKPOINT + ".tmp")
-            torch.save(
+        if end_epoch(
+            history, metrics, config, progress=progress, out=out, checkpoint=CHECKPOINT,
+            save=lambda path, epoch=epoch: torch.save(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -256,12 +251,9 @@ def train_model(
                     "history": history,
                     "args": vars(config),
                 },
-                tmp,
-            )
-            os.replace(tmp, out / CHECKPOINT)
-        stop = getattr(config, "stop_after_epoch", None)
-        if stop is not None and epoch + 1 >= stop:
-            print(f"stopping after epoch {epoch + 1} (--stop-after-epoch)")
+                path,
+            ),
+        ):
             break
     return history, model
 
