@@ -20,6 +20,7 @@ docs/distributed.md for the two modes.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -148,8 +149,11 @@ def main() -> None:
         )
     print(f"rank {rank} checksum {float(total):.12e}", flush=True)
     # Free the model (FSDP2 keeps the last collectives' work handles) before tearing down
-    # the group, and let no rank tear it down while another still uses it.
+    # the group, and let no rank tear it down while another still uses it. gc.collect(): an
+    # object kept alive by a reference cycle would otherwise be freed only at interpreter
+    # exit, after the group is gone, which can abort the process ("terminate called").
     del model, sam
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
