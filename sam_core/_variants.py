@@ -44,7 +44,7 @@ applies it. The schedule helper :func:`proportional_rho` is the GSAM rho schedul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sam_core._ops import ArrayListOps
@@ -67,11 +67,13 @@ __all__ = [
     "orthogonal_component",
     "projection_coefficient",
     "proportional_rho",
+    "rho_warmup",
     "validate_friendly_sam",
     "validate_gsam",
     "validate_interval",
     "validate_looksam",
     "validate_proportional_rho",
+    "validate_rho_warmup",
     "validate_vasso",
     "validate_wsam",
     "vasso_direction",
@@ -403,6 +405,30 @@ def proportional_rho(
     return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
 
 
+def rho_warmup(
+    step: Any, *, rho: Any, warmup_steps: float, minimum: Callable[[Any, Any], Any] = min
+) -> Any:
+    r""":math:`\rho` ramped linearly from 0 over the first steps, then constant.
+
+    .. math::
+
+        \rho_t = \rho \, \frac{\min(t, T)}{T} \quad (T > 0), \qquad \rho_t = \rho \quad (T = 0),
+
+    with :math:`t` the number of optimizer steps taken so far (0 at the first step, whose
+    perturbation is therefore zero: a plain gradient step) and :math:`T` =
+    ``warmup_steps``; at :math:`t = T` it equals ``optax.linear_schedule(0, rho, T)``. A
+    large :math:`\rho` from the first step can drive a freshly initialized network to its
+    flattest point, the constant predictor, before it has learned anything; a short ramp
+    lets it fit features first (label-noise study in ``benchmarks/label_noise.py``).
+    ``step`` may be a Python number or a backend scalar, with ``minimum`` that backend's
+    element-wise minimum (``jnp.minimum`` under ``jit``); ``warmup_steps`` is a static Python
+    number (an int, :func:`validate_rho_warmup`; JAX passes it as a float).
+    """
+    if warmup_steps == 0:
+        return rho + 0 * step
+    return rho * (minimum(step, warmup_steps) / warmup_steps)
+
+
 # -- validation ------------------------------------------------------------------------------
 def validate_gsam(*, alpha: Any) -> None:
     """Raise ``ValueError`` unless GSAM's ``alpha`` is in [0, 1]."""
@@ -424,6 +450,16 @@ def validate_friendly_sam(*, sigma: Any, lmbda: Any) -> None:
     """Raise unless FriendlySAM's ``sigma`` is in [0, 1] and ``lmbda`` in [0, 1)."""
     check_unit_interval("sigma", sigma)
     check_unit_interval("lmbda", lmbda, closed_right=False)
+
+
+def validate_rho_warmup(*, rho: Any, warmup_steps: Any) -> None:
+    """Raise unless :func:`rho_warmup`'s ``rho`` is >= 0 and ``warmup_steps`` a static int
+    >= 0 (0: no warm-up)."""
+    check_nonnegative("rho", rho)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(
+            f"warmup_steps must be an int >= 0 (0: no warm-up), got {warmup_steps!r}"
+        )
 
 
 def validate_proportional_rho(*, lr_max: Any, lr_min: Any, rho_max: Any, rho_min: Any) -> None:

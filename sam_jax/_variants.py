@@ -54,6 +54,7 @@ __all__ = [
     "momentum_sam",
     "normalization_mask",
     "proportional_rho_schedule",
+    "rho_warmup_schedule",
     "samon",
     "vasso",
     "wsam",
@@ -401,6 +402,44 @@ def proportional_rho_schedule(
         lr = lr_schedule(count) if callable(lr_schedule) else lr_schedule
         return sam_core.proportional_rho(
             jnp.asarray(lr), lr_max=lr_max, lr_min=lr_min, rho_max=rho_max, rho_min=rho_min
+        )
+
+    return schedule
+
+
+def rho_warmup_schedule(rho: float, warmup_steps: int) -> optax.Schedule:
+    r"""Linear :math:`\rho` warm-up as an Optax schedule: :math:`\rho` ramps from 0 to
+    ``rho`` over the first ``warmup_steps`` updates, then stays.
+
+    .. math::
+
+        \rho(t) = \rho \, \frac{\min(t, T)}{T}
+
+    (:func:`sam_core.rho_warmup`; ``optax.linear_schedule(0, rho, T)``), the same ramp as
+    :class:`sam_torch.RhoWarmup`. The first update's perturbation is zero. A large
+    :math:`\rho` from the first step can send a fresh network to the constant predictor
+    (the flattest point there is) before it learns anything; the ramp lets it fit features
+    first. Use it with ``optax.inject_hyperparams``::
+
+        tx = optax.chain(
+            optax.inject_hyperparams(sam_jax.sam)(
+                rho=sam_jax.rho_warmup_schedule(0.15, warmup_steps=5 * steps_per_epoch)
+            ),
+            optax.sgd(lr, momentum=0.9),
+        )
+
+    (``adaptive=True`` for ASAM goes in ``static_args``:
+    ``optax.inject_hyperparams(sam_jax.sam, static_args=("adaptive",))``.)
+    """
+    sam_core.validate_rho_warmup(rho=rho, warmup_steps=warmup_steps)
+    rho = float(rho)
+
+    steps = float(warmup_steps)  # a Python float: no int32 overflow for long ramps
+
+    def schedule(count: Any) -> Any:
+        return sam_core.rho_warmup(
+            jnp.asarray(count, jnp.result_type(float)), rho=rho, warmup_steps=steps,
+            minimum=jnp.minimum,
         )
 
     return schedule

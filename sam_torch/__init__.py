@@ -20,6 +20,7 @@ from sam_torch._variants import (
     LookSAM,
     MomentumSAM,
     ProportionalRhoScheduler,
+    RhoWarmup,
     VaSSO,
     normalization_parameters,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "LookSAM",
     "MomentumSAM",
     "ProportionalRhoScheduler",
+    "RhoWarmup",
     "ScaledSAM",
     "TorchOps",
     "VaSSO",

@@ -46,6 +46,7 @@ __all__ = [
     "LookSAM",
     "MomentumSAM",
     "ProportionalRhoScheduler",
+    "RhoWarmup",
     "VaSSO",
     "normalization_parameters",
 ]
@@ -334,6 +335,78 @@ class ProportionalRhoScheduler:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.lr_maxes = list(state_dict["lr_maxes"])
         self.last_rho = list(state_dict["last_rho"])
+
+
+class RhoWarmup:
+    r"""Linear :math:`\rho` warm-up: each group's ``rho`` ramps from 0 to its value over the
+    first ``warmup_steps`` steps, then stays.
+
+    .. math::
+
+        \rho_t = \rho \, \frac{\min(t, T)}{T}
+
+    (:func:`sam_core.rho_warmup`), :math:`t` the number of :meth:`step` calls so far, so the
+    first optimizer step is a plain gradient step. The same ramp as
+    :func:`sam_jax.rho_warmup_schedule`. A large :math:`\rho` from the first step can send a
+    fresh network to the constant predictor (the flattest point there is) before it learns
+    anything; the ramp lets it fit features first. Call :meth:`step` once after each
+    optimizer step::
+
+        sam = SAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.15)
+        warmup = RhoWarmup(sam, warmup_steps=5 * steps_per_epoch)
+        for x, y in loader:
+            ...
+            sam.step(closure)
+            warmup.step()
+
+    Each group's target is its ``rho`` at construction, stored as ``group["initial_rho"]``
+    (as LR schedulers keep ``initial_lr``); a group added later (``add_param_group``) ramps
+    from its own ``rho`` at the step it is first seen. ``state_dict``/``load_state_dict``
+    resume the ramp.
+
+    Args:
+        optimizer: a :class:`~sam_torch.SAM` (or any variant; every param group has ``rho``).
+        warmup_steps: :math:`T`, an int >= 0 (0: ``rho`` unchanged).
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int) -> None:
+        for i, group in enumerate(optimizer.param_groups):
+            if "rho" not in group:
+                raise TypeError(
+                    f"RhoWarmup needs a SAM-family optimizer (param group {i} has no 'rho'), "
+                    f"got {type(optimizer).__name__}"
+                )
+            sam_core.validate_rho_warmup(rho=group["rho"], warmup_steps=warmup_steps)
+        self.optimizer = optimizer
+        self.warmup_steps = warmup_steps
+        self.last_step = 0
+        self.last_rho: list[Any] = []
+        self._apply()
+
+    def step(self) -> list[Any]:
+        """Advance one optimizer step and set every group's ``rho``; returns the values."""
+        self.last_step += 1
+        return self._apply()
+
+    def _apply(self) -> list[Any]:
+        self.last_rho = []
+        for group in self.optimizer.param_groups:
+            if "initial_rho" not in group:
+                sam_core.validate_rho_warmup(rho=group["rho"], warmup_steps=self.warmup_steps)
+                group["initial_rho"] = group["rho"]
+            group["rho"] = sam_core.rho_warmup(
+                self.last_step, rho=group["initial_rho"], warmup_steps=self.warmup_steps
+            )
+            self.last_rho.append(group["rho"])
+        return self.last_rho
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_steps": self.warmup_steps, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.warmup_steps = int(state_dict["warmup_steps"])
+        self.last_step = int(state_dict["last_step"])
+        self._apply()
 
 
 # ----------------------------------------------------------------------------------------
