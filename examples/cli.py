@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_RHO",
+    "RHO_WARMUP_OPTIMIZERS",
     "build_parser",
     "check_chunks",
     "lr_at",
@@ -27,11 +28,14 @@ __all__ = [
     "optimizer_names",
     "parse_args",
     "print_epoch",
+    "rho_warmup_steps",
     "step_milestones",
     "write_metrics",
 ]
 
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}
+#: Optimizers that take ``--rho-warmup-epochs`` (in both backends).
+RHO_WARMUP_OPTIMIZERS = ("sam", "asam")
 STEP_FRACTIONS = (0.3, 0.6, 0.8)
 STEP_GAMMA = 0.2
 
@@ -102,6 +106,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "Same numbers either way",
     )
     p.add_argument("--rho", type=float, default=None, help="default: 0.05 for sam, 0.5 for asam")
+    p.add_argument(
+        "--rho-warmup-epochs",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="ramp rho linearly from 0 over the first E epochs' steps (sam and asam; "
+        "sam_torch.RhoWarmup / sam_jax.rho_warmup_schedule); 0: constant rho",
+    )
     p.add_argument("--eta", type=float, default=0.01, help="ASAM offset in T_w = |w| + eta")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
@@ -150,6 +162,14 @@ def _complete(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--label-noise must be a fraction in [0, 1], got {args.label_noise}")
     if args.noise_seed < 0:
         raise SystemExit(f"--noise-seed must be >= 0, got {args.noise_seed}")
+    warmup = args.rho_warmup_epochs
+    if not warmup >= 0.0:
+        raise SystemExit(f"--rho-warmup-epochs must be >= 0, got {warmup}")
+    if warmup > 0.0 and args.optimizer not in RHO_WARMUP_OPTIMIZERS:
+        raise SystemExit(
+            f"--rho-warmup-epochs supports --optimizer {' or '.join(RHO_WARMUP_OPTIMIZERS)}, "
+            f"got {args.optimizer!r}; drop the flag for it"
+        )
     m = args.m_sharpness
     if m is not None:
         if m < 1 or args.batch_size % m:
@@ -186,6 +206,11 @@ def make_config(**overrides: Any) -> argparse.Namespace:
     for key, value in overrides.items():
         setattr(args, key, value)
     return _complete(args)
+
+
+def rho_warmup_steps(args: Any, steps_per_epoch: int) -> int:
+    """``--rho-warmup-epochs`` in optimizer steps (rounded), the same in both backends."""
+    return round(float(getattr(args, "rho_warmup_epochs", 0.0) or 0.0) * steps_per_epoch)
 
 
 def step_milestones(epochs: int) -> list[int]:

@@ -14,6 +14,7 @@ which in optax is ``add_decayed_weights`` before ``sgd``; for SAM the decay is t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -187,10 +188,16 @@ def _optax_sam(adaptive: bool) -> Callable[[Any, Callable[[Any], Any]], Any]:
 
         import sam_jax
 
-        return optax.chain(
-            sam_jax.sam(rho=args.rho, adaptive=adaptive, eta=args.eta),
-            *_optax_base(args, schedule),
-        )
+        warmup = getattr(args, "rho_warmup_steps", 0)
+        if warmup:  # rho as a schedule of the update count
+            first = optax.inject_hyperparams(sam_jax.sam, static_args=("adaptive",))(
+                rho=sam_jax.rho_warmup_schedule(args.rho, warmup),
+                adaptive=adaptive,
+                eta=args.eta,
+            )
+        else:
+            first = sam_jax.sam(rho=args.rho, adaptive=adaptive, eta=args.eta)
+        return optax.chain(first, *_optax_base(args, schedule))
 
     return build
 
@@ -254,7 +261,9 @@ OPTAX_OPTIMIZERS.update(
 def make_optax(name: str, args: Any, steps_per_epoch: int) -> Any:
     """Build the optax optimizer ``name`` (a key of :data:`OPTAX_OPTIMIZERS`).
 
-    The learning rate follows :func:`optax_schedule` (the torch script's schedule). Whether
+    The learning rate follows :func:`optax_schedule` (the torch script's schedule); with
+    ``args.rho_warmup_epochs`` > 0, sam/asam's rho follows
+    :func:`sam_jax.rho_warmup_schedule` (``optax.inject_hyperparams``). Whether
     ``tx.update`` needs ``grad_fn`` is ``OPTAX_OPTIMIZERS[name].needs_grad_fn``.
     """
     if name not in OPTAX_OPTIMIZERS:
@@ -262,5 +271,15 @@ def make_optax(name: str, args: Any, steps_per_epoch: int) -> Any:
             f"optimizer must be one of {sorted(OPTAX_OPTIMIZERS)}, got {name!r}; register new "
             "ones in examples.optimizers.OPTAX_OPTIMIZERS"
         )
+    from examples.cli import RHO_WARMUP_OPTIMIZERS, rho_warmup_steps
+
     entry = OPTAX_OPTIMIZERS[name]
+    warmup = rho_warmup_steps(args, steps_per_epoch)
+    if warmup and name not in RHO_WARMUP_OPTIMIZERS:
+        raise ValueError(
+            f"rho_warmup_epochs supports {' and '.join(RHO_WARMUP_OPTIMIZERS)}, got {name!r}"
+        )
+    if warmup:
+        args = copy.copy(args)
+        args.rho_warmup_steps = warmup  # read by the sam/asam builders
     return entry.build(args, optax_schedule(args, steps_per_epoch))

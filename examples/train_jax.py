@@ -67,6 +67,12 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+def _first_state(opt_state: Any) -> Any:
+    """The chain's first state (the SAM-family one), unwrapped from
+    ``optax.inject_hyperparams`` (a scheduled rho) when wrapped."""
+    return getattr(opt_state[0], "inner_state", opt_state[0])
+
+
 def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
     r"""Mean of :math:`-\sum_k q_k \log p_k` with :math:`q = (1 - s)\,\mathrm{onehot} + s / K`
     (``torch.nn.functional.cross_entropy(..., label_smoothing=s)``)."""
@@ -120,7 +126,7 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
             logits = jnp.reshape(logits, (-1, logits.shape[-1]))
             params = optax.apply_updates(state.params, updates)
             correct = jnp.sum(jnp.argmax(logits, -1) == y)
-            sharpness = opt_state[0].sharpness
+            sharpness = _first_state(opt_state).sharpness
             return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
         (loss, (logits, new_stats)), grads = value_and_grad(state.params, state.batch_stats, x, y)
         if needs_grad_fn:
@@ -134,7 +140,7 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
             updates, opt_state = tx.update(
                 grads, state.opt_state, state.params, grad_fn=grad_fn, value=loss, **extra
             )
-            sharpness = opt_state[0].sharpness
+            sharpness = _first_state(opt_state).sharpness
         else:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             sharpness = jnp.float32(jnp.nan)
@@ -223,6 +229,7 @@ _STEP_KEYS = (
     "num_classes",
     "optimizer",
     "rho",
+    "rho_warmup_epochs",
     "eta",
     "lr",
     "momentum",

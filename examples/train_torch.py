@@ -43,8 +43,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import sam_core
 import sam_torch
-from examples.cli import check_chunks, end_epoch, lr_at, parse_args, print_epoch
+from examples.cli import (
+    check_chunks,
+    end_epoch,
+    lr_at,
+    parse_args,
+    print_epoch,
+    rho_warmup_steps,
+)
 from examples.data import (
     Split,
     TrainingData,
@@ -141,6 +149,7 @@ def train_model(
     model = build_model(config, data).to(device)
     optimizer = make_torch_optimizer(config.optimizer, model, config)
     two_pass = hasattr(optimizer, "first_step")
+    rho_warmup = rho_warmup_steps(config, steps_per_epoch)
     if m is not None and not two_pass:
         raise ValueError(f"m_sharpness needs a SAM-family optimizer, got {config.optimizer!r}")
 
@@ -196,6 +205,10 @@ def train_model(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
+                if rho_warmup:
+                    group["rho"] = sam_core.rho_warmup(
+                        epoch * steps_per_epoch + i, rho=config.rho, warmup_steps=rho_warmup
+                    )
             xt = torch.from_numpy(to_nchw(x)).to(device)
             yt = torch.from_numpy(y).to(device)
             if m is not None:

@@ -229,3 +229,53 @@ def test_digits_backends_start_equal_and_train_alike():
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-2)
     for key in ("test_acc", "noisy_fit", "clean_fit", "train_acc"):
         assert abs(a[key] - b[key]) < 0.02, key  # a few argmax ties at most
+
+
+@pytest.mark.parametrize("module", [train_torch, train_jax], ids=["torch", "jax"])
+def test_rho_warmup_longer_than_training_keeps_sam_at_sgd(module):
+    """--rho-warmup-epochs ramps rho from 0 (sam_torch.RhoWarmup's formula in the torch loop,
+    sam_jax.rho_warmup_schedule in the chain): with a ramp far longer than training, rho
+    stays ~1e-10 and SAM follows SGD's trajectory; without it, rho 0.3 does not."""
+    from examples.cli import make_config
+
+    common = dict(dataset="digits", epochs=1, label_noise=0.4, lr=0.05, label_smoothing=0.0,
+                  threads=1, seed=3)
+    sgd = module.train(make_config(optimizer="sgd", **common))[0]
+    ramped = module.train(
+        make_config(optimizer="sam", rho=0.3, rho_warmup_epochs=1e9, **common)
+    )[0]
+    plain = module.train(make_config(optimizer="sam", rho=0.3, **common))[0]
+    assert ramped["train_loss"] == pytest.approx(sgd["train_loss"], rel=1e-4)
+    assert ramped["test_loss"] == pytest.approx(sgd["test_loss"], rel=1e-3)
+    assert abs(ramped["sharpness"]) < 1e-4 < plain["sharpness"]
+    assert abs(plain["train_loss"] - sgd["train_loss"]) > 1e-2
+
+
+def test_rho_warmup_gives_the_same_numbers_in_both_backends():
+    from examples.cli import make_config
+
+    config = make_config(dataset="digits", optimizer="sam", rho=0.15, rho_warmup_epochs=1.5,
+                         epochs=2, label_noise=0.4, lr=0.05, label_smoothing=0.0, threads=1)
+    a, b = train_torch.train(config), train_jax.train(config)
+    for ha, hb in zip(a, b, strict=True):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-3)
+        assert ha["sharpness"] == pytest.approx(hb["sharpness"], rel=2e-2)
+        assert abs(ha["test_acc"] - hb["test_acc"]) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optimizer", "sgd", "--rho-warmup-epochs", "2"],
+         "--rho-warmup-epochs supports --optimizer sam or asam, got 'sgd'"),
+        (["--optimizer", "gsam", "--rho-warmup-epochs", "2"],
+         "--rho-warmup-epochs supports --optimizer sam or asam, got 'gsam'"),
+        (["--optimizer", "sam", "--rho-warmup-epochs", "-1"],
+         "--rho-warmup-epochs must be >= 0, got -1.0"),
+    ],
+)
+def test_rho_warmup_flag_errors(argv, message):
+    from examples.cli import parse_args
+
+    with pytest.raises(SystemExit, match=message):
+        parse_args("test", argv)
