@@ -16,9 +16,12 @@ def _run(**kw):
         "dataset": "digits", "backend": "torch", "optimizer": "sam", "m_sharpness": None,
         "seed": 0, "label_noise": 0.4, "rho": 0.05, "epochs": 40, "n_train": None,
         "final_test_acc": 0.8, "best_test_acc": 0.9, "noisy_fit": 0.3, "clean_fit": 0.99,
-        "kind": "grid", "history": [],
+        "kind": "grid", "history": [], "rho_warmup_epochs": WARMUP,
     }
     return {**base, **kw}
+
+
+WARMUP = study.DATASET_SETTINGS["digits"]["config"].get("rho_warmup_epochs", 0.0)
 
 
 def test_parse_optimizer():
@@ -46,6 +49,29 @@ def test_merge_replaces_same_key_and_keeps_others():
     assert study.run_key(_run(m_sharpness=16)) != study.run_key(_run())
     assert study.run_key(_run(backend="jax")) != study.run_key(_run())
     assert study.run_key(_run(epochs=2)) != study.run_key(_run())
+
+
+def test_rho_warmup_is_part_of_a_runs_identity_and_of_the_grid():
+    assert study.run_key(_run(rho_warmup_epochs=5.0)) != study.run_key(_run(rho_warmup_epochs=0))
+    legacy = _run(rho_warmup_epochs=0.0)
+    del legacy["rho_warmup_epochs"]  # records written before the field: no warm-up
+    assert study.run_key(legacy) == study.run_key(_run(rho_warmup_epochs=0.0))
+    # SGD has no rho: its warm-up never splits its runs
+    assert study.run_key(_run(optimizer="sgd", rho_warmup_epochs=5.0)) == study.run_key(
+        _run(optimizer="sgd", rho_warmup_epochs=0.0))
+    chosen = study.DATASET_SETTINGS["digits"]["rho"]["sam"]
+    assert study.in_grid(_run(rho=chosen))
+    assert not study.in_grid(_run(rho=chosen, rho_warmup_epochs=WARMUP + 1.0))
+    # the plan passes the warm-up to the SAM forms only (--rho-warmup-epochs rejects sgd)
+    settings = {**study.DATASET_SETTINGS["digits"]}
+    settings["config"] = {**settings["config"], "rho_warmup_epochs": 2.0}
+    opts = [study.parse_optimizer(o) for o in ("sgd", "sam")]
+    sgd, sam = study.plan_runs(settings, opts, [0], ["torch"])
+    assert "rho_warmup_epochs" not in sgd.overrides()
+    assert sam.overrides()["rho_warmup_epochs"] == 2.0
+    assert sam.key() != study.plan_runs(
+        study.DATASET_SETTINGS["digits"], opts[1:], [0], ["torch"]
+    )[0].key() or WARMUP == 2.0
 
 
 def test_plan_grid_and_sweep():
@@ -106,7 +132,9 @@ def test_tiny_study_writes_results_report_and_merges(tmp_path):
     assert inv["command"].startswith("python -m benchmarks.label_noise --dataset digits")
     assert str(tmp_path) not in inv["command"] and inv["hardware"]["logical_cpus"] >= 1
     report = (out / "report.md").read_text()
-    assert f"| torch | SAM | {rho:g} | 1 |" in report and (out / "curves-digits.png").is_file()
+    rho_text = f"{rho:g}" + (f", warm-up {WARMUP:g} ep" if WARMUP else "")
+    assert run["rho_warmup_epochs"] == WARMUP
+    assert f"| 40 % | torch | SAM | {rho_text} | 1 |" in report and (out / "curves-digits.png").is_file()
     assert "## Targets" in report and str(tmp_path) not in report
     # A second invocation skips what is there; --replace reruns it.
     study.main(argv, log=logs.append)
