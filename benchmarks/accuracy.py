@@ -325,6 +325,8 @@ def _digits_report(result: dict[str, Any]) -> list[str]:
           f"{s['batch_size']}, lr {s['lr']} with a {s['schedule']} schedule, momentum "
           f"{s['momentum']}, weight decay {s['weight_decay']}, no label smoothing; rho: "
           + ", ".join(f"{k} {v}" for k, v in result["rho"].items())
+          + (f", ramped linearly from 0 over the first {s['rho_warmup_epochs']:g} epochs"
+             if s.get("rho_warmup_epochs") else "")
           + f"; {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
           f"({', '.join(map(str, seeds))}), backends {', '.join(result['backends'])}, one "
           "torch thread. "

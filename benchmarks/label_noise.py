@@ -63,6 +63,7 @@ __all__ = [
     "merge_runs",
     "parse_optimizer",
     "plan_runs",
+    "rho_for",
     "rho_warmup_of",
     "run_key",
     "summarize",
@@ -286,6 +287,21 @@ def merge_runs(
     return list(merged.values())
 
 
+def rho_for(settings: dict[str, Any], key: str, noise: float) -> float | None:
+    """The grid's rho of an optimizer form (``"sam"``, ``"sam/m"``, ...) at a noise level:
+    a ``--rho`` override, else the level's entry of ``rho_by_noise``, else ``rho``; ``None``
+    when the settings name none."""
+    tables = (
+        settings.get("rho_override", {}),
+        settings.get("rho_by_noise", {}).get(round(float(noise), 6), {}),
+        settings["rho"],
+    )
+    for table in tables:
+        if key in table:
+            return float(table[key])
+    return None
+
+
 def settings_for(dataset: str, preset: str | None) -> dict[str, Any]:
     if preset is not None:
         if preset not in PRESETS:
@@ -322,7 +338,7 @@ def plan_runs(
                 if k in wanted
             ]
         else:
-            forms = [(o, (settings["rho"].get(o.rho_key, 0.05),)) for o in optimizers]
+            forms = [(o, (rho_for(settings, o.rho_key, noise) or 0.05,)) for o in optimizers]
         for backend in backends:
             for opt, rhos in forms:
                 for rho in rhos:
@@ -493,9 +509,10 @@ def in_grid(run: dict[str, Any]) -> bool:
         return True
     key = OptimizerSpec(run["optimizer"], run["m_sharpness"]).rho_key
     warmup = float(settings["config"].get("rho_warmup_epochs", 0.0))
+    chosen = rho_for(settings, key, run["label_noise"])
     return (
-        key in settings["rho"]
-        and abs(run["rho"] - settings["rho"][key]) < 1e-9
+        chosen is not None
+        and abs(run["rho"] - chosen) < 1e-9
         and abs(rho_warmup_of(run) - warmup) < 1e-9
     )
 
@@ -677,8 +694,7 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[str]:
 def _settings_line(runs: list[dict[str, Any]], dataset: str) -> str:
     s = next(r["settings"] for r in runs if r["dataset"] == dataset)
     keys = ("depth", "width", "limit_train", "limit_test", "no_augment", "epochs", "batch_size",
-            "lr", "schedule", "momentum", "weight_decay", "label_smoothing", "label_noise",
-            "rho_warmup_epochs")
+            "lr", "schedule", "momentum", "weight_decay", "label_smoothing")
     if dataset == "digits":
         keys = tuple(k for k in keys if k not in ("depth", "width", "limit_train",
                                                   "limit_test", "no_augment"))
@@ -708,7 +724,9 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "Written by `python -m benchmarks.label_noise` (see the commands below); each run "
         "is one call of `examples.train_torch.train` or `examples.train_jax.train` with one "
         "thread (JAX m-SAM with `m_sharpness_impl='vectorized'`, the faster form here; same "
-        "numbers as the scan form).",
+        "numbers as the scan form). `rho 0.2, warm-up 5 ep`: rho ramped linearly from 0 over "
+        "the first 5 epochs (`--rho-warmup-epochs`, `sam_torch.RhoWarmup` / "
+        "`sam_jax.rho_warmup_schedule`); without it, rho from the first step.",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
@@ -748,8 +766,9 @@ def write_report(results: dict[str, Any], out: Path) -> str:
             "## rho sweep",
             "",
             "Every rho run of an optimizer form (grid and sweep runs); the grid above uses, per "
-            "dataset and form, the rho of `DATASET_SETTINGS` in `benchmarks/label_noise.py`, "
-            "chosen as the best final test accuracy of this sweep.",
+            "dataset, noise level and form, the rho of `DATASET_SETTINGS` in "
+            "`benchmarks/label_noise.py`, chosen as the best mean final test accuracy of this "
+            "sweep.",
             "",
             "| dataset | noise | backend | optimizer | rho | seeds | final test acc "
             "| best test acc | noisy_fit |",
@@ -867,8 +886,8 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         return results
     settings = dict(settings_for(args.dataset, args.preset))
     if args.rho:
-        settings["rho"] = {**settings["rho"], **{
-            k: float(v) for k, _, v in (i.partition("=") for i in args.rho.split(","))}}
+        settings["rho_override"] = {
+            k: float(v) for k, _, v in (i.partition("=") for i in args.rho.split(","))}
     overrides = _parse_set(args.set)
     if settings["config"]["dataset"] != "digits":
         overrides["data_dir"] = args.data_dir

@@ -160,3 +160,22 @@ def test_concurrent_invocations_keep_each_others_runs(tmp_path):
     assert [(i["id"], i["runs_done"]) for i in merged["invocations"]] == [("b", 1), ("a", 2)]
     assert json.loads(path.read_text()) == merged
     assert list(tmp_path.iterdir()) == [path]  # no lock file beside the results
+
+
+def test_rho_per_noise_level_and_override():
+    settings = {**study.DATASET_SETTINGS["digits"], "rho": {"sam": 0.2},
+                "rho_by_noise": {0.6: {"sam": 0.1}}}
+    assert study.rho_for(settings, "sam", 0.4) == 0.2
+    assert study.rho_for(settings, "sam", 0.6) == 0.1
+    assert study.rho_for(settings, "asam", 0.4) is None
+    assert study.rho_for({**settings, "rho_override": {"sam": 0.3}}, "sam", 0.6) == 0.3
+    plan = study.plan_runs(settings, [study.parse_optimizer("sam")], [0], ["torch"],
+                           noise_levels=[0.4, 0.6])
+    assert [(dict(r.config)["label_noise"], r.rho) for r in plan] == [(0.4, 0.2), (0.6, 0.1)]
+    # the grid of each level is its own rho
+    real = study.DATASET_SETTINGS["digits"]
+    for noise, table in real.get("rho_by_noise", {}).items():
+        for key, rho in table.items():
+            m = 16 if key == "sam/m" else None
+            name = "sam" if key == "sam/m" else key
+            assert study.in_grid(_run(optimizer=name, m_sharpness=m, rho=rho, label_noise=noise))
