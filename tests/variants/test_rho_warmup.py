@@ -88,6 +88,12 @@ def _torch_model(params):
     return model
 
 
+def _torch_sam(model):
+    return sam_torch.SAM(
+        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO
+    )
+
+
 def _torch_run(model, opt, warmup, batches):
     rhos = []
     for x, y in batches:
@@ -108,9 +114,7 @@ def _torch_run(model, opt, warmup, batches):
 def test_torch_rho_warmup_matches_the_float64_reference():
     params, batches = init_mlp(), make_batches(STEPS)
     model = _torch_model(params)
-    opt = sam_torch.SAM(
-        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO
-    )
+    opt = _torch_sam(model)
     warmup = sam_torch.RhoWarmup(opt, WARMUP)
     rhos = _torch_run(model, opt, warmup, batches)
     assert rhos == [ramp(t) for t in range(STEPS)]
@@ -137,9 +141,7 @@ def test_torch_first_warmup_step_is_plain_sgd():
 def test_torch_rho_warmup_resumes_from_its_state_dict():
     params, batches = init_mlp(), make_batches(STEPS)
     model = _torch_model(params)
-    opt = sam_torch.SAM(
-        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO
-    )
+    opt = _torch_sam(model)
     warmup = sam_torch.RhoWarmup(opt, WARMUP)
     _torch_run(model, opt, warmup, batches[:2])
     saved = (
@@ -151,9 +153,7 @@ def test_torch_rho_warmup_resumes_from_its_state_dict():
     # a fresh process: new model, optimizer and warm-up, loaded from the checkpoint
     model2 = _torch_model(params)
     model2.load_state_dict(saved[0])
-    opt2 = sam_torch.SAM(
-        model2.parameters(), torch.optim.SGD, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO
-    )
+    opt2 = _torch_sam(model2)
     opt2.load_state_dict(saved[1])
     warmup2 = sam_torch.RhoWarmup(opt2, WARMUP)
     warmup2.load_state_dict(saved[2])
@@ -251,9 +251,7 @@ def test_jax_rho_warmup_matches_the_reference_and_torch():
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
     # and torch's RhoWarmup takes the same trajectory
     model = _torch_model(params)
-    opt = sam_torch.SAM(
-        model.parameters(), torch.optim.SGD, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO
-    )
+    opt = _torch_sam(model)
     _torch_run(model, opt, sam_torch.RhoWarmup(opt, WARMUP), batches)
     for t_param, g in zip(model.parameters(), got, strict=True):
         np.testing.assert_allclose(t_param.detach().numpy(), g, rtol=1e-10, atol=1e-12)
