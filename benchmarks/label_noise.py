@@ -411,9 +411,7 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
         "seed": spec.seed,
         "label_noise": c.get("label_noise", 0.0),
         "rho": spec.rho,
-        "rho_warmup_epochs": 0.0
-        if spec.optimizer.name == "sgd"
-        else float(c.get("rho_warmup_epochs", 0.0)),
+        "rho_warmup_epochs": float(values.get("rho_warmup_epochs", 0.0)),  # SGD: none
         "kind": spec.kind,
         "epochs": c["epochs"],
         "n_train": c.get("limit_train"),
@@ -536,8 +534,8 @@ def in_grid(run: dict[str, Any]) -> bool:
 
 def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, Any]]:
     """Mean and sample standard deviation over seeds per (dataset, noise, backend,
-    optimizer, m, rho, rho warm-up): of the grid's runs (:func:`in_grid`) with ``kind="grid"``, of every
-    run otherwise."""
+    optimizer, m, rho, rho warm-up): of the grid's runs (:func:`in_grid`) with
+    ``kind="grid"``, of every run otherwise."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in runs:
         if kind == "grid" and not in_grid(r):
@@ -722,7 +720,7 @@ def _rho_text(r: dict[str, Any]) -> str:
     """rho, and its warm-up when there is one (``0.15, warm-up 5 ep``)."""
     if r["optimizer"] == "sgd":
         return "–"
-    warm = r.get("rho_warmup_epochs") or 0.0
+    warm = rho_warmup_of(r)
     return f"{r['rho']:g}" + (f", warm-up {warm:g} ep" if warm else "")
 
 

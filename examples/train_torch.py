@@ -203,12 +203,17 @@ def train_model(
                 epochs=config.epochs,
                 steps_per_epoch=steps_per_epoch,
             )
+            rho = (
+                sam_core.rho_warmup(
+                    epoch * steps_per_epoch + i, rho=config.rho, warmup_steps=rho_warmup
+                )
+                if rho_warmup
+                else None
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-                if rho_warmup:
-                    group["rho"] = sam_core.rho_warmup(
-                        epoch * steps_per_epoch + i, rho=config.rho, warmup_steps=rho_warmup
-                    )
+                if rho is not None:
+                    group["rho"] = rho
             xt = torch.from_numpy(to_nchw(x)).to(device)
             yt = torch.from_numpy(y).to(device)
             if m is not None:
