@@ -63,6 +63,17 @@ def _torch_batch(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return x, y
 
 
+def _rows_against(times: Mapping[str, Any], base: str) -> dict[str, dict[str, Any]]:
+    """Each step's timing summary with ``ratio_to_sgd``, its median over ``base``'s."""
+    base_ms = summarize(times[base])["median_ms"]
+    rows = {}
+    for name, ts in times.items():
+        r = summarize(ts)
+        r["ratio_to_sgd"] = r["median_ms"] / base_ms
+        rows[name] = r
+    return rows
+
+
 def step_torch(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
     s = sizes(config)
     device = device_of(config)
@@ -108,12 +119,7 @@ def step_torch(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
     times = interleaved_times(fns, repeats=s["repeats"], warmup=WARMUP, sync=sync_for(device),
                               on_round=bar.update)
     bar.close()
-    base = summarize(times["torch SGD"])["median_ms"]
-    rows = {}
-    for name, ts in times.items():
-        r = summarize(ts)
-        r["ratio_to_sgd"] = r["median_ms"] / base
-        rows[name] = r
+    rows = _rows_against(times, "torch SGD")
     return {"model": f"WRN-{s['depth']}-{s['width']} ({source})",
             "batch": s["batch"], "repeats": s["repeats"], "device": str(device), "rows": rows}
 
@@ -151,12 +157,7 @@ def step_jax(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
     times = interleaved_times(fns, repeats=s["repeats"], warmup=WARMUP,
                               sync=jax.block_until_ready, on_round=bar.update)
     bar.close()
-    base = summarize(times["optax.sgd"])["median_ms"]
-    rows = {}
-    for name, ts in times.items():
-        r = summarize(ts)
-        r["ratio_to_sgd"] = r["median_ms"] / base
-        rows[name] = r
+    rows = _rows_against(times, "optax.sgd")
     if "optax.contrib.sam opaque" in rows and "sam_jax" in rows:
         rows["sam_jax"]["ratio_to_optax_opaque"] = (
             rows["sam_jax"]["median_ms"] / rows["optax.contrib.sam opaque"]["median_ms"])
