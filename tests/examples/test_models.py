@@ -64,15 +64,9 @@ def _assert_trees_close(a: dict, b: dict, rtol: float, atol: float) -> None:
         )
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_converted_weights_give_same_logits_and_gradients(torch_model, train):
-    model = copy.deepcopy(torch_model).train(train)
-    x, y = _inputs()
-    xt = torch.tensor(x.transpose(0, 3, 1, 2))
-    logits_t = model(xt)
-    F.cross_entropy(logits_t, torch.tensor(y), label_smoothing=0.1).backward()
-    variables = torch_to_flax(torch_model, np.float64)
-    flax_model = FlaxWRN(DEPTH, WIDTH, CLASSES)
+def _assert_flax_matches_torch(flax_model, variables, x, y, smoothing, train, model, logits_t):
+    """Flax logits and gradients (float64) of ``variables`` equal torch's ``logits_t`` and
+    the gradients already in ``model`` (backward done with the same loss)."""
     with jax_x64():
 
         def loss_fn(params):
@@ -83,7 +77,7 @@ def test_converted_weights_give_same_logits_and_gradients(torch_model, train):
                 mutable=["batch_stats"] if train else False,
             )
             logits = out[0] if train else out
-            return smoothed_cross_entropy(logits, jnp.asarray(y), 0.1), logits
+            return smoothed_cross_entropy(logits, jnp.asarray(y), smoothing), logits
 
         (_, logits_f), grads_f = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
             variables["params"]
@@ -95,6 +89,18 @@ def test_converted_weights_give_same_logits_and_gradients(torch_model, train):
         _assert_trees_close(grads_f, _grads_as_flax(model), rtol=1e-8, atol=1e-12)
     # The logits are not trivially equal: they depend on the input and mode.
     assert np.ptp(logits_t.detach().numpy()) > 0.1
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_converted_weights_give_same_logits_and_gradients(torch_model, train):
+    model = copy.deepcopy(torch_model).train(train)
+    x, y = _inputs()
+    xt = torch.tensor(x.transpose(0, 3, 1, 2))
+    logits_t = model(xt)
+    F.cross_entropy(logits_t, torch.tensor(y), label_smoothing=0.1).backward()
+    variables = torch_to_flax(torch_model, np.float64)
+    flax_model = FlaxWRN(DEPTH, WIDTH, CLASSES)
+    _assert_flax_matches_torch(flax_model, variables, x, y, 0.1, train, model, logits_t)
 
 
 def test_train_mode_batchnorm_statistics_follow_momentum_convention(torch_model):
@@ -266,25 +272,4 @@ def test_small_cnn_converted_weights_give_same_logits_and_gradients(train):
     x, y = rng.standard_normal((6, 8, 8, 1)), rng.integers(0, 10, 6)
     logits_t = model(torch.tensor(x.transpose(0, 3, 1, 2)))
     F.cross_entropy(logits_t, torch.tensor(y)).backward()
-    flax_model = FlaxCNN(10)
-    with jax_x64():
-
-        def loss_fn(params):
-            out = flax_model.apply(
-                {**variables, "params": params},
-                jnp.asarray(x),
-                train=train,
-                mutable=["batch_stats"] if train else False,
-            )
-            logits = out[0] if train else out
-            return smoothed_cross_entropy(logits, jnp.asarray(y), 0.0), logits
-
-        (_, logits_f), grads_f = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-            variables["params"]
-        )
-        assert logits_f.dtype == jnp.float64
-        np.testing.assert_allclose(
-            np.asarray(logits_f), logits_t.detach().numpy(), rtol=1e-10, atol=1e-12
-        )
-        _assert_trees_close(grads_f, _grads_as_flax(model), rtol=1e-8, atol=1e-12)
-    assert np.ptp(logits_t.detach().numpy()) > 0.1
+    _assert_flax_matches_torch(FlaxCNN(10), variables, x, y, 0.0, train, model, logits_t)
