@@ -172,7 +172,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "platform": f"{platform.system()} {platform.machine()}",
         "python": platform.python_version(),
     }
-    for name in ("torch", "jax", "jaxlib", "optax", "flax", "pytorch_optimizer", "numpy", "sam_core"):
+    for name in ("torch", "jax", "jaxlib", "optax", "flax", "pytorch_optimizer", "numpy", "sklearn",
+                 "sam_core"):
         info[name] = _version(name)
     try:
         import torch

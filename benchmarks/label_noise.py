@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from benchmarks._timing import limit_threads_env
+from benchmarks._timing import limit_threads_env, machine_info
 
 __all__ = [
     "DATASET_SETTINGS",
@@ -472,34 +471,9 @@ def update_results(
 
 
 def hardware() -> dict[str, Any]:
-    """CPU model, logical CPUs and library versions (no paths, no host names)."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    for module in ("numpy", "torch", "jax", "flax", "optax", "sklearn"):
-        try:
-            info[module] = __import__(module).__version__
-        except ImportError:
-            info[module] = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
+    """:func:`benchmarks._timing.machine_info` for the study's one thread per run: CPU model,
+    logical CPUs, GPU if any, library versions (no paths, no host names)."""
+    return machine_info(threads=1)
 
 
 def _label(run: dict[str, Any]) -> str:
