@@ -18,19 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from examples.cnn_init import CNN_CHANNELS, CNN_HIDDEN, init_small_cnn
-from examples.wrn_torch import BN_EPS, BN_MOMENTUM
+from examples.wrn_flax import _bn  # the same BatchNorm convention as the WideResNet
 
 __all__ = ["SmallCNN", "init_variables"]
-
-
-def _bn(train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=1.0 - BN_MOMENTUM,
-        epsilon=BN_EPS,
-        use_fast_variance=False,
-        name=name,
-    )
 
 
 class SmallCNN(nn.Module):
