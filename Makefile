@@ -5,6 +5,7 @@
 #
 #   make bench                        # quick run of benchmarks/compare.py, a few minutes
 #   make bench ARGS=--full            # the full run (any compare.py flags go in ARGS)
+#   make bench-gpu                    # the GPU job on one CUDA device (compare.py --gpu)
 #   make test                         # ruff check . and python -m pytest -q
 #   make test PYTEST_ARGS=tests/core  # a part of the tests
 #   make test TORCH=torch==2.5.1      # another torch
@@ -27,12 +28,13 @@ STAMP := $(VENV)/.sam-opt-setup-$(or $(SETUP_KEY),unknown)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup bench test lint clean help
+.PHONY: setup bench bench-gpu test lint clean help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make bench   set up (first time) and run the main job: python benchmarks/compare.py \$$ARGS"
 	@echo "             (quick run by default; make bench ARGS=--full for the figures to quote)"
+	@echo "make bench-gpu  the GPU job on one CUDA device: python benchmarks/compare.py --gpu"
 	@echo "make test    set up (first time) and run ruff check . and python -m pytest -q \$$PYTEST_ARGS"
 	@echo "make setup   only the set-up: $(VENV)/ with $(TORCH) and .[$(EXTRAS)]"
 	@echo "make lint    ruff check ."
@@ -58,6 +60,9 @@ $(STAMP):
 
 bench: $(STAMP)
 	$(VPY) benchmarks/compare.py $(ARGS)
+
+bench-gpu: $(STAMP)
+	$(VPY) benchmarks/compare.py --gpu $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -161,6 +162,16 @@ def _version(module: str) -> str | None:
     return str(version)
 
 
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version as ``nvidia-smi`` reports it (``None`` without it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     """What the machine is (CPU model, logical CPUs, GPU if any, OS and architecture), the
     thread count, Python and library versions (``None``: missing); never its host name or a
@@ -180,6 +191,10 @@ def machine_info(threads: int) -> dict[str, Any]:
 
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+            info["cuda"] = torch.version.cuda
+            info["cudnn"] = torch.backends.cudnn.version()
+            info["gpu_driver"] = _nvidia_driver()
     except Exception:
         pass
     return info

@@ -6,6 +6,7 @@
     python benchmarks/compare.py --smoke         # tiny sizes, seconds (what the tests run)
     python benchmarks/compare.py --data-dir ~/data --budget default
     python benchmarks/compare.py --sections overhead --repeats 100 --threads 1
+    python benchmarks/compare.py --gpu           # the GPU job: one CUDA device, then its tests
     python -m benchmarks ...                     # the same
 
 Each run writes a new folder ``runs/compare-YYYYmmdd-HHMMSS/`` in the clone (ignored by git)
@@ -28,6 +29,15 @@ Sections (``benchmarks/<name>.py``, each ``run(config, progress) -> dict``; see
 6. ``variants``: cost of one training step of each SAM-family variant, as a ratio to SGD.
 7. ``msharpness``: an m-SAM step (``m_sharpness_step``, ``m_sharpness_update``) against a
    batch-SAM step, every execution path of both backends.
+8. ``gpu``: SAM under bfloat16 / float16 autocast (``ScaledSAM``) against SGD at the same
+   precision, peak device memory, host syncs per SAM step on CUDA. Part of ``--gpu``; a CPU
+   run includes it only with ``--sections gpu``.
+
+``--gpu`` is the GPU job: the full run on ``cuda`` at the sections' GPU sizes (WRN-16-8,
+batch 128), every section but the accuracy one, then the CUDA tests
+(``pytest -m cuda``), into one folder ``runs/gpu-YYYYmmdd-HHMMSS/`` whose ``report.md`` names
+the GPU, its driver and the CUDA, cuDNN and library versions. Without a CUDA device it exits
+at once with a message that says so.
 
 A missing peer (``pytorch_optimizer``, ``jax``/``optax``/``flax``) is reported as missing.
 """
@@ -40,6 +50,7 @@ import importlib
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -68,6 +79,8 @@ class Section:
     name: str
     module: str
     optional: bool = False
+    #: run when ``--sections`` is not given (``False``: only when named, or by ``--gpu``)
+    default: bool = True
 
 
 #: The sections, in the order they run (the report orders them by their titles' numbers).
@@ -78,9 +91,15 @@ SECTIONS: tuple[Section, ...] = (
     Section("variants", "benchmarks.variants"),
     Section("msharpness", "benchmarks.msharpness"),
     Section("accuracy", "benchmarks.accuracy"),
+    Section("gpu", "benchmarks.gpu", default=False),
     Section("agreement", "benchmarks.agreement"),  # last: it switches JAX to float64 a while
 )
 SECTION_NAMES = tuple(s.name for s in SECTIONS)
+#: Sections ``--gpu`` leaves out: the accuracy one is a training run, not a GPU figure.
+NOT_IN_GPU_JOB = ("accuracy",)
+#: The GPU job's tests: those marked ``cuda`` (``tests/torch/test_cuda.py``).
+GPU_TESTS = ("-m", "cuda", "tests")
+GPU_TESTS_TIMEOUT_S = 300
 MODES = ("smoke", "quick", "full")
 
 
@@ -165,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
                       help="tiny sizes and one or two repeats: checks that the job runs "
                            "(the tests' mode), its figures mean nothing")
+    mode.add_argument("--gpu", dest="mode", action="store_const", const="gpu",
+                      help="the GPU job: the full run on --device cuda (default cuda) at GPU "
+                           "sizes, every section but accuracy, then the CUDA tests; one folder "
+                           "runs/gpu-YYYYmmdd-HHMMSS/ (exits with a message without CUDA)")
     p.set_defaults(mode="quick")
     p.add_argument("--data-dir", default=None,
                    help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz "
@@ -185,27 +208,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats of the overhead section (the step section uses half of "
                         "it, at least 3); default: the run mode's")
-    p.add_argument("--sections", type=_sections, default=SECTION_NAMES,
-                   help=f"comma-separated subset of {','.join(SECTION_NAMES)} (default: all)")
+    p.add_argument("--sections", type=_sections, default=None,
+                   help=f"comma-separated subset of {','.join(SECTION_NAMES)} (default: all "
+                        "but gpu; with --gpu: all but accuracy)")
     p.add_argument("--backends", type=_backends, default=("torch", "jax"),
                    help="torch,jax (default) or one of them; the overhead section is torch's")
     p.add_argument("--threads", type=int, default=None,
                    help="torch/XLA threads (default: what the libraries pick)")
-    p.add_argument("--device", default="cpu",
+    p.add_argument("--device", default=None,
                    help="torch device of the torch sections (cpu, cuda, cuda:1, ...); on a GPU "
                         "the full run's whole step uses WRN-16-8 at batch 128. JAX uses its "
-                        "default backend (its GPU when jax[cuda] is installed). Default: cpu")
+                        "default backend (its GPU when jax[cuda] is installed). Default: cpu "
+                        "(cuda with --gpu)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are off anyway when stderr is not a terminal)")
     return p
 
 
-def new_run_folder(parent: Path, now: float | None = None) -> Path:
-    """A new, empty ``parent/compare-YYYYmmdd-HHMMSS/`` (``-2``, ``-3``, ... if taken)."""
+def resolve_mode(args: argparse.Namespace, torch: Any) -> bool:
+    """Turn ``--gpu`` into what it runs (the full run on CUDA) and fill
+    the defaults of ``--device`` and ``--sections``; ``True`` for the GPU job (its sections:
+    every one but :data:`NOT_IN_GPU_JOB`). Without a CUDA
+    device the GPU job stops here, before anything is measured or written."""
+    gpu_job = args.mode == "gpu"
+    if gpu_job:
+        if not torch.cuda.is_available():
+            build = (f"a CUDA {torch.version.cuda} build" if torch.version.cuda
+                     else "a CPU-only build")
+            raise SystemExit(
+                f"--gpu needs a CUDA device, and torch {torch.__version__} ({build}) sees none "
+                "(torch.cuda.is_available() is False). On this machine run the CPU job, "
+                "`python benchmarks/compare.py` (or --full); on a machine with an NVIDIA GPU, "
+                "install a CUDA build of torch and run --gpu there.")
+        args.mode = "full"
+        args.device = args.device or "cuda"
+        if torch.device(args.device).type != "cuda":
+            raise SystemExit(f"--gpu runs on a CUDA device; --device {args.device} is not one "
+                             "(leave --device out, or give cuda:N)")
+    args.device = args.device or "cpu"
+    if args.sections is None:
+        args.sections = tuple(s.name for s in SECTIONS if (
+            s.name not in NOT_IN_GPU_JOB if gpu_job else s.default))
+    return gpu_job
+
+
+def run_cuda_tests(out: Path) -> dict[str, Any]:
+    """The GPU job's tests (``pytest -m cuda``) in a fresh interpreter: exit status, summary
+    line and seconds; the whole output goes to ``out/cuda-tests.txt``."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True,
+                              timeout=GPU_TESTS_TIMEOUT_S)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc = None
+        text = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {GPU_TESTS_TIMEOUT_S} s"
+    (out / "cuda-tests.txt").write_text(text, encoding="utf-8")
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return {"command": "python -m pytest -q " + " ".join(GPU_TESTS), "returncode": rc,
+            "summary": lines[-1] if lines else "(no output)",
+            "seconds": time.perf_counter() - t0, "output": "cuda-tests.txt"}
+
+
+def new_run_folder(parent: Path, now: float | None = None, prefix: str = "compare") -> Path:
+    """A new, empty ``parent/<prefix>-YYYYmmdd-HHMMSS/`` (``-2``, ``-3``, ... if taken)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
     parent.mkdir(parents=True, exist_ok=True)
     for i in range(1, 1000):
-        folder = parent / (f"compare-{stamp}" if i == 1 else f"compare-{stamp}-{i}")
+        folder = parent / (f"{prefix}-{stamp}" if i == 1 else f"{prefix}-{stamp}-{i}")
         try:
             folder.mkdir()
         except FileExistsError:
@@ -244,7 +315,7 @@ def make_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     return {
         "mode": args.mode,
-        "device": args.device,
+        "device": args.device or "cpu",
         "backends": tuple(args.backends),
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
@@ -270,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks._progress import Progress
     from benchmarks._timing import machine_info, peak_rss_bytes
 
+    gpu_job = resolve_mode(args, torch)
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
@@ -286,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.out is None:
-        out = new_run_folder(_ROOT / "runs")
+        out = new_run_folder(_ROOT / "runs", prefix="gpu" if gpu_job else "compare")
     else:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -313,6 +385,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["peers"]["jax"] = J.error or "present"
         if J.error is None:
             results["jax_device"] = str(J.jax.devices()[0])
+            if gpu_job and J.jax.default_backend() != "gpu":
+                # at GPU sizes on a CPU backend the JAX sections would run for an hour
+                config["backends"] = tuple(b for b in config["backends"] if b != "jax")
+                results["notes"]["jax"] = (
+                    f"JAX sections not run: JAX's default backend is "
+                    f"{J.jax.default_backend()!r}, not a GPU (install jax[cuda12] for them)")
 
     chosen = [s for s in SECTIONS if s.name in args.sections]
     loaded = {s.name: load_section(s) for s in chosen}
@@ -351,6 +429,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         results["peak_memory"]["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(
             device)
+    if gpu_job:
+        results["cuda_tests"] = run_cuda_tests(out)
     results["targets"] = [{"target": t, "measured": v, "holds": h}
                           for t, v, h in report.targets(results)]
     plots = report.make_plots(results, out)

@@ -99,6 +99,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "quick": {"depth": 10, "width": 1, "batch": 64, "ms": [4, 16], "repeats": 3, "warmup": 1,
               "memory": False, "profile": False, "probe_rolled_scan": False, "jax": True},
     "full": {"jax": True},
+    # the full run on a CUDA device (the GPU job): WRN-16-8 at batch 128, without the CPU
+    # profile and the fresh-process peak RSS (the report has CUDA's peak memory)
+    "gpu": {"depth": 16, "width": 8, "batch": 128, "ms": [4, 16, 32], "repeats": 10,
+            "warmup": 2, "memory": False, "profile": False, "probe_rolled_scan": False,
+            "jax": True},
 }
 #: Expected seconds on 2 CPU cores, for the progress bar's ETA (the full run's JAX paths
 #: compile for minutes at WRN-16-2: the unrolled scan at m = 4 is 32 chunks).

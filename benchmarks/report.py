@@ -371,6 +371,7 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> str:
         f"`{results.get('device', 'cpu')}`, JAX on `{results.get('jax_device', 'n/a')}`. "
         f"Python {m['python']}, torch {m['torch']}, jax {m['jax']}, optax {m['optax']}, "
         f"flax {m['flax']}, pytorch_optimizer {m['pytorch_optimizer'] or 'MISSING'}.", "",
+        *_gpu_lines(m, results),
         f"Peak memory (max RSS of the process): {_mib(mem.get('max_rss_bytes'))}"
         + ("; after each section: " + ", ".join(
             f"{k} {_mib(v)}" for k, v in mem.get("after_section", {}).items())
@@ -398,12 +399,34 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> str:
     titles = results.get("section_titles", {})
     for name in results.get("sections", []):
         md += _section_part(name, titles.get(name, name), results.get(name, {}))
+    if results.get("cuda_tests"):
+        t = results["cuda_tests"]
+        status = {0: "passed", None: "timed out"}.get(t["returncode"],
+                                                      f"failed (exit {t['returncode']})")
+        md += ["## CUDA tests", "", f"`{t['command']}`: {status} in {t['seconds']:.0f} s, "
+               f"`{t['summary']}` (whole output: `{t['output']}`).", ""]
     if results.get("errors"):
         md += ["## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
     md += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     text = "\n".join(md)
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
+
+
+def _gpu_lines(machine: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    """The GPU's details (model, memory, driver, CUDA, cuDNN) and the run's notes."""
+    lines = []
+    if machine.get("gpu"):
+        memory = machine.get("gpu_memory_bytes")
+        lines += [f"GPU: {machine['gpu']}"
+                  + (f", {memory / 2**30:.0f} GiB" if memory else "")
+                  + f"; NVIDIA driver {machine.get('gpu_driver') or 'unknown'}, CUDA "
+                  f"{machine.get('cuda') or 'unknown'}, cuDNN {machine.get('cudnn') or 'unknown'}.",
+                  ""]
+    for name, note in results.get("notes", {}).items():
+        if name not in results.get("sections", []):
+            lines += [f"Note ({name}): {note}.", ""]
+    return lines
 
 
 def _timed(target: str) -> bool:

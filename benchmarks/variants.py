@@ -27,6 +27,8 @@ SIZES = {
     "smoke": {"width": 8, "batch": 8, "steps": 5, "repeats": 1, "jax": ()},
     "quick": {"width": 16, "batch": 32, "steps": 5, "repeats": 3, "jax": QUICK_JAX},
     "full": {"width": 16, "batch": 32, "steps": 10, "repeats": 15, "jax": None},
+    # the full run on a CUDA device (the GPU job): a wider net at batch 128
+    "gpu": {"width": 64, "batch": 128, "steps": 10, "repeats": 20, "jax": None},
 }
 ESTIMATE_S = {"smoke": 10, "quick": 60, "full": 400}
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import sam_torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _model(seed: int = 0) -> nn.Module:
