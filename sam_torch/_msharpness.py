@@ -123,6 +123,13 @@ def m_sharpness_step(
     grows by one (with ``momentum=None``, the cumulative average of these means).
     Other buffers a model updates in ``forward`` are not managed.
 
+    Dropout (the optimizer's ``dropout``): ``"same"`` (default) replays the random-number
+    generators (:class:`~sam_torch.RNGReplay`) so each chunk's perturbed pass draws the masks
+    of its clean pass; every chunk and every step draws fresh ones. ``"fresh"``: new masks in
+    the perturbed passes. The vectorized path runs dropout models under
+    ``vmap(randomness="different")`` (each chunk its own masks, the same rule; another
+    sample than the loop's, the same distribution).
+
     Args:
         optimizer: a :class:`~sam_torch.SAM` (SAM or ASAM, any base optimizer, any param
             groups) or :class:`~sam_torch.SAMON` (each chunk perturbs the masked parameters

@@ -200,3 +200,38 @@ def test_m_sharpness_update_key_type_error():
     with pytest.raises(TypeError, match="key must be a PRNG key"):
         sam_jax.m_sharpness_update(tx, lambda w, c, k: jnp.sum(w), w, tx.init(w),
                                    jnp.ones((4, 3)), m=2, key=7)
+
+
+def test_nnx_m_sharpness_recipe_with_key(ex):
+    """docs/m_sharpness.md's nnx step with dropout: nnx.reseed with each chunk's key."""
+    masks = []
+    model = NNXRecordingMLP(masks, rngs=nnx.Rngs(params=0, dropout=1))
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    tx = ex.make_tx()
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, rest, opt_state, batch, key):
+        def loss_fn(params, chunk, key):
+            x, y = chunk
+            m = nnx.merge(graphdef, params, rest)
+            nnx.reseed(m, dropout=key)  # this chunk's masks, in both of its passes
+            return ex.cross_entropy(m(x), y), nnx.state(m, nnx.BatchStat)
+
+        updates, opt_state, loss, stats = sam_jax.m_sharpness_update(
+            tx, loss_fn, params, opt_state, batch, m=16, has_aux=True, key=key)
+        return (optax.apply_updates(params, updates),
+                jax.tree.map(lambda s: s.mean(0), stats), opt_state, loss)
+
+    batch = ex.make_data(n=32)
+    base_key = jax.random.PRNGKey(42)
+    for step in range(2):
+        # (the running statistics, second output, go back with nnx.update in a real loop)
+        params, _, opt_state, loss = train_step(
+            params, rest, opt_state, batch, jax.random.fold_in(base_key, step))
+        assert np.isfinite(float(loss))
+    jax.effects_barrier()
+    assert len(masks) == 2 * 2 * 2  # steps x chunks x passes (scan on CPU: chunk order)
+    assert_same_within_fresh_across(masks)
