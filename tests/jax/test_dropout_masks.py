@@ -7,6 +7,7 @@ the framework's own dropout (applied to ones, so the recorded array is the mask 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 import sys
@@ -82,13 +83,6 @@ def test_nnx_recipe_same_masks_in_a_step_fresh_each_step(ex):
     assert_same_within_fresh_across(masks)
 
 
-def test_nnx_example_model_with_dropout_trains(ex):
-    model, optimizer = ex.create_nnx(seed=0, dropout=0.3)
-    batch = ex.make_data()
-    losses = [float(ex.nnx_train_step(model, optimizer, batch)["loss"]) for _ in range(15)]
-    assert losses[-1] < losses[0]
-
-
 # -- flax linen -------------------------------------------------------------------------
 class LinenRecordingMLP(nn.Module):
     record: object
@@ -118,7 +112,7 @@ def test_linen_recipe_same_masks_in_a_step_fresh_each_step(ex):
     assert_same_within_fresh_across(masks)
 
 
-def test_linen_example_with_dropout_trains(ex, capsys):
+def test_examples_train_with_dropout(ex, capsys):  # linen, then nnx
     ex.main(steps=12, dropout=0.2)
     lines = capsys.readouterr().out.strip().splitlines()
     losses = [float(line.split("loss")[1].split()[0]) for line in lines]
@@ -146,31 +140,27 @@ def linear_loss(w, chunk, key):
 @pytest.mark.parametrize("impl", ["scan", "vmap"])
 def test_m_sharpness_update_key_same_mask_per_chunk_own_mask_per_chunk(impl):
     w = jax.random.normal(jax.random.PRNGKey(3), (K * D,))
-    tx = optax.chain(sam_jax.sam(RHO), optax.sgd(0.0))
-    step = jax.jit(lambda w, s, key: sam_jax.m_sharpness_update(
-        tx, linear_loss, w, s, block_batch(), m=M, impl=impl, key=key)[1])
-    state = step(w, tx.init(w), jax.random.PRNGKey(0))[0]
-    assert float(state.sharpness) == pytest.approx(RHO * float(state.grad_norm), rel=1e-5)
+    tx = optax.chain(sam_jax.sam(RHO), optax.sgd(1.0))
 
-    # a mask drawn afresh at w + e (the key folded with the weights' bits) breaks it
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(loss_fn, key):
+        updates, state, _, _ = sam_jax.m_sharpness_update(
+            tx, loss_fn, w, tx.init(w), block_batch(), m=M, impl=impl, key=key)
+        return -updates.reshape(K, D), state[0]  # G by blocks, SAMState
+
+    g, state = run(linear_loss, jax.random.PRNGKey(0))
+    assert float(state.sharpness) == pytest.approx(RHO * float(state.grad_norm), rel=1e-5)
+    # each chunk its own mask: the blocks of G (chunk c's mean mask) differ; a new key, new masks
+    g = np.asarray(g)
+    assert all(not np.array_equal(g[i], g[j]) for i in range(K) for j in range(i))
+    assert not np.array_equal(g, np.asarray(run(linear_loss, jax.random.PRNGKey(1))[0]))
+
+    # a mask drawn afresh at w + e (the key folded with the weights' bits) breaks the identity
     def fresh_loss(w, chunk, key):
         bits = jax.lax.bitcast_convert_type(jnp.sum(w), jnp.int32)
         return linear_loss(w, chunk, jax.random.fold_in(key, bits))
-    fresh = sam_jax.m_sharpness_update(tx, fresh_loss, w, tx.init(w), block_batch(), m=M,
-                                       impl=impl, key=jax.random.PRNGKey(0))[1][0]
+    _, fresh = run(fresh_loss, jax.random.PRNGKey(0))
     assert float(fresh.sharpness) != pytest.approx(RHO * float(fresh.grad_norm), rel=1e-2)
-
-    # each chunk its own mask: the blocks of G differ
-    def grads(key):
-        updates, *_ = sam_jax.m_sharpness_update(
-            optax.chain(sam_jax.sam(RHO), optax.sgd(1.0)), linear_loss, w,
-            optax.chain(sam_jax.sam(RHO), optax.sgd(1.0)).init(w), block_batch(), m=M,
-            impl=impl, key=key,
-        )
-        return -np.asarray(updates).reshape(K, D)
-    g = grads(jax.random.PRNGKey(0))
-    assert all(not np.array_equal(g[i], g[j]) for i in range(K) for j in range(i))
-    assert not np.array_equal(g, grads(jax.random.PRNGKey(1)))  # a new key, new masks
 
 
 def test_m_sharpness_update_key_masks_recorded_in_chunk_order():
