@@ -157,7 +157,8 @@ class SAMTrainer(Trainer):
         sam_class: :class:`sam_torch.SAM` or one of its variants (default ``SAM``).
         sam_kwargs: other keyword arguments of ``sam_class`` (``eta``, ``alpha``, ``k``,
             ``skip_nonfinite``, ...).
-        sam_dropout: ``"same"`` or ``"fresh"`` dropout masks in the perturbed pass.
+        sam_dropout: ``"same"`` or ``"fresh"`` dropout masks in the perturbed pass (the
+            Trainer runs the passes, so this, not the SAM's own ``dropout``, decides).
         m_sharpness: examples per chunk of m-sharpness, a divisor of
             ``per_device_train_batch_size``; ``None`` (default): batch SAM.
 

@@ -266,3 +266,22 @@ def test_m_sharpness_auto_runs_a_dropout_model_vectorized():
                          chunk_size=2)
     assert model not in sam_torch._msharpness._NOT_VECTORIZABLE
     assert not opt.is_perturbed and torch.isfinite(opt.sharpness)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generators_are_replayed():
+    device = torch.device("cuda")
+    model = make_model().to(device)
+    masks = record_masks(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert RNGReplay(model).devices == [torch.device("cuda", torch.cuda.current_device())]
+    for x, y in batches():
+        x, y = x.to(device), y.to(device)
+        def closure(x=x, y=y):
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert_same_within_fresh_across([m.cpu() for m in masks])
+    m_sharpness_step(opt, model, chunk_loss, tuple(t.to(device) for t in batches(1)[0]), m=2,
+                     vectorize=True)
