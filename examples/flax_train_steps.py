@@ -16,6 +16,13 @@ Two rules for BatchNorm under SAM (see docs/jax.md):
 * ``TrainState.apply_gradients`` calls ``tx.update(grads, opt_state, params)`` without extra
   arguments, so it cannot pass ``grad_fn``: call ``state.tx.update`` yourself (below).
   ``nnx.Optimizer.update(model, grads, **kwargs)`` does forward them.
+
+And one for dropout (``dropout=`` > 0 in the models below): both passes of a step draw the
+same masks (they evaluate one sampled objective, so ``L(w+e) - L(w)`` is sharpness, not
+dropout noise), each step fresh ones. linen: one key per step,
+``fold_in(state.dropout_key, state.step)``, given to both passes. nnx: the perturbed copy
+is merged from the model's state *before* the clean pass, RNG counts included, so it replays
+the clean pass's keys; the clean pass advances the model's counts for the next step.
 """
 
 from __future__ import annotations
@@ -58,26 +65,34 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class LinenMLP(nn.Module):
-    """Dense -> BatchNorm -> relu -> Dense."""
+    """Dense -> BatchNorm -> relu -> Dropout -> Dense (``dropout=0``: no dropout)."""
+
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = nn.Dense(HIDDEN)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-        return nn.Dense(CLASSES)(nn.relu(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
+        return nn.Dense(CLASSES)(x)
 
 
 class TrainState(train_state.TrainState):
     batch_stats: Any
+    dropout_key: jax.Array  # the run's; step t uses fold_in(dropout_key, t) in both passes
 
 
-def create_linen_state(seed: int = 0, tx: optax.GradientTransformation | None = None) -> TrainState:
-    model = LinenMLP()
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4)), train=False)
+def create_linen_state(
+    seed: int = 0, tx: optax.GradientTransformation | None = None, dropout: float = 0.0
+) -> TrainState:
+    model = LinenMLP(dropout=dropout)
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    variables = model.init(init_key, jnp.zeros((1, 4)), train=False)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
+        dropout_key=dropout_key,
         tx=tx if tx is not None else make_tx(),
     )
 
@@ -86,12 +101,15 @@ def create_linen_state(seed: int = 0, tx: optax.GradientTransformation | None = 
 def linen_train_step(
     state: TrainState, batch: tuple[jax.Array, jax.Array]
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SAM step; BatchNorm running statistics come from the clean pass only."""
+    """One SAM step; BatchNorm running statistics come from the clean pass only, and both
+    passes draw the step's dropout masks."""
     x, y = batch
+    key = jax.random.fold_in(state.dropout_key, state.step)  # this step's, for both passes
 
     def loss_fn(params: Any, batch_stats: Any) -> tuple[jax.Array, Any]:
         logits, mutated = state.apply_fn(
-            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            {"params": params, "batch_stats": batch_stats}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": key},
         )
         return cross_entropy(logits, y), mutated["batch_stats"]
 
@@ -130,17 +148,20 @@ def linen_train_step(
 class NNXMLP(nnx.Module):
     """The nnx twin of :class:`LinenMLP` (same layers, same BatchNorm settings)."""
 
-    def __init__(self, d: int = 4, *, rngs: nnx.Rngs) -> None:
+    def __init__(self, d: int = 4, *, rngs: nnx.Rngs, dropout: float = 0.0) -> None:
         self.fc1 = nnx.Linear(d, HIDDEN, rngs=rngs)
         self.bn = nnx.BatchNorm(HIDDEN, momentum=0.9, rngs=rngs)
         self.fc2 = nnx.Linear(HIDDEN, CLASSES, rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)  # last: the layers' init stays the same
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(nnx.relu(self.bn(self.fc1(x))))
+        return self.fc2(self.drop(nnx.relu(self.bn(self.fc1(x)))))
 
 
-def create_nnx(seed: int = 0, tx: optax.GradientTransformation | None = None) -> tuple[NNXMLP, nnx.Optimizer]:
-    model = NNXMLP(rngs=nnx.Rngs(seed))
+def create_nnx(
+    seed: int = 0, tx: optax.GradientTransformation | None = None, dropout: float = 0.0
+) -> tuple[NNXMLP, nnx.Optimizer]:
+    model = NNXMLP(rngs=nnx.Rngs(seed), dropout=dropout)
     model.train()
     return model, nnx.Optimizer(model, tx if tx is not None else make_tx(), wrt=nnx.Param)
 
@@ -149,19 +170,23 @@ def create_nnx(seed: int = 0, tx: optax.GradientTransformation | None = None) ->
 def nnx_train_step(
     model: NNXMLP, optimizer: nnx.Optimizer, batch: tuple[jax.Array, jax.Array]
 ) -> dict[str, jax.Array]:
-    """One SAM step; the model's BatchNorm statistics are updated by the clean pass only."""
+    """One SAM step; the model's BatchNorm statistics are updated by the clean pass only,
+    and both passes draw the step's dropout masks."""
     x, y = batch
 
     def loss_fn(m: NNXMLP) -> jax.Array:
         return cross_entropy(m(x), y)
 
-    # Clean pass on the model itself: its BatchNorm running averages are updated here.
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    # The state before the clean pass, RNG counts included (split *after* it, the copy would
+    # draw the masks of the next step's clean pass).
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     rest = nnx.as_pure(rest)  # plain arrays: the copy below gets fresh Variables
+    # Clean pass on the model itself: its BatchNorm running averages and RNG counts advance.
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
 
     def perturbed_loss(params: Any) -> jax.Array:
-        # A functional copy at w + e: its BatchNorm updates vanish with it.
+        # A functional copy at w + e: the clean pass's dropout keys again; its BatchNorm
+        # and RNG updates vanish with it.
         return loss_fn(nnx.merge(graphdef, params, rest))
 
     optimizer.update(model, grads, grad_fn=jax.value_and_grad(perturbed_loss), value=loss)
@@ -187,15 +212,15 @@ def copy_linen_to_nnx(state: TrainState, model: NNXMLP) -> None:
     model.fc2.bias[...] = p["Dense_1"]["bias"]
 
 
-def main(steps: int = 30) -> None:
+def main(steps: int = 30, dropout: float = 0.0) -> None:
     batch = make_data()
-    state = create_linen_state()
+    state = create_linen_state(dropout=dropout)
     for i in range(steps):
         state, m = linen_train_step(state, batch)
         if i % 10 == 0 or i == steps - 1:
             print(f"linen step {i:3d}  loss {float(m['loss']):.4f}  "
                   f"L(w+e) {float(m['perturbed_loss']):.4f}  sharpness {float(m['sharpness']):.2e}")
-    model, optimizer = create_nnx()
+    model, optimizer = create_nnx(dropout=dropout)
     for i in range(steps):
         m = nnx_train_step(model, optimizer, batch)
         if i % 10 == 0 or i == steps - 1:

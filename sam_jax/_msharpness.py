@@ -109,6 +109,7 @@ def m_sharpness_update(
     has_aux: bool = False,
     chunk_size: int | None = None,
     unroll: bool | int = True,
+    key: jax.Array | None = None,
     **extra_args: Any,
 ) -> tuple[optax.Updates, optax.OptState, jax.Array, Any]:
     r"""One m-sharpness SAM update: ``(updates, new_opt_state, loss, aux)``.
@@ -180,6 +181,12 @@ def m_sharpness_update(
             parameter-sized buffer per chunk alive (scratch memory grows with :math:`k`).
             ``1``: a rolled loop, compiled once whatever :math:`k`, scratch memory of one
             chunk (e.g. for accelerators, or many small chunks of an MLP).
+        key: a PRNG key for dropout (or any randomness of ``loss_fn``), a new one each step
+            (e.g. ``jax.random.fold_in(base_key, step)``). ``loss_fn`` is then called as
+            ``loss_fn(params, chunk, key_c)`` with ``key_c = jax.random.split(key, k)[c]``:
+            chunk :math:`c`'s clean and perturbed passes get the same key (the same dropout
+            masks: both evaluate one sampled objective), each chunk its own. ``None``
+            (default): ``loss_fn(params, chunk)``.
         **extra_args: passed on to ``tx.update`` (for transformations later in the chain).
 
     Returns:
@@ -199,6 +206,11 @@ def m_sharpness_update(
         sam_core.check_positive_int("chunk_size", chunk_size)
     if not isinstance(unroll, bool):
         sam_core.check_positive_int("unroll", unroll)
+    if key is not None and not isinstance(key, jax.Array):
+        raise TypeError(
+            f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
+            f"{type(key).__name__}"
+        )
     _check_state(opt_state)
     k, m = _chunks(batch, m)
     if impl == "auto":
@@ -216,14 +228,19 @@ def m_sharpness_update(
         lambda x: jnp.reshape(x, (k // group, group, m, *jnp.shape(x)[1:])), batch
     )
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    # One key per chunk, laid out as the chunks are (None: loss_fn takes no key).
+    keys = None if key is None else jax.random.split(key, k)
+    if keys is not None:
+        keys = jnp.reshape(keys, (k // group, group, *keys.shape[1:]))
+    key_args = lambda key_c: () if key_c is None else (key_c,)  # noqa: E731
 
-    def chunk_fn(chunk: Any) -> tuple[Any, ...]:
-        out, grads = value_and_grad(params, chunk)
+    def chunk_fn(chunk: Any, key_c: Any) -> tuple[Any, ...]:
+        out, grads = value_and_grad(params, chunk, *key_args(key_c))
         loss, aux = out if has_aux else (out, None)
         captured: list[Any] = []
 
         def grad_fn(perturbed: Any) -> tuple[jax.Array, Any]:
-            p_out, p_grads = value_and_grad(perturbed, chunk)
+            p_out, p_grads = value_and_grad(perturbed, chunk, *key_args(key_c))  # same key
             p_loss = p_out[0] if has_aux else p_out
             captured.append((p_loss, p_grads))
             return p_loss, p_grads
@@ -235,23 +252,28 @@ def m_sharpness_update(
         (p_loss, p_grads), = captured
         return loss, aux, p_loss, p_grads, _sam_state(state_c).grad_norm
 
-    def group_fn(chunks: Any) -> tuple[Any, ...]:
+    def group_fn(chunks: Any, group_keys: Any) -> tuple[Any, ...]:
         if group == 1:
-            out = chunk_fn(jax.tree.map(lambda x: x[0], chunks))
+            first = None if group_keys is None else group_keys[0]
+            out = chunk_fn(jax.tree.map(lambda x: x[0], chunks), first)
             return jax.tree.map(lambda x: x[None], out)
-        return jax.vmap(chunk_fn)(chunks)
+        return jax.vmap(chunk_fn)(chunks, group_keys)
 
     acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(p.dtype)), params)
 
-    def body(carry: Any, chunks: Any) -> tuple[Any, Any]:
-        loss, aux, p_loss, p_grads, norm = group_fn(chunks)
+    def body(carry: Any, xs: Any) -> tuple[Any, Any]:
+        loss, aux, p_loss, p_grads, norm = group_fn(*xs)
         carry = jax.tree.map(lambda a, g: a + jnp.sum(g.astype(a.dtype), 0), carry, p_grads)
         return carry, (loss, aux, p_loss, norm)
 
     if k // group == 1:
-        grad_sum, (losses, aux, p_losses, norms) = body(acc, jax.tree.map(lambda x: x[0], chunked))
+        grad_sum, (losses, aux, p_losses, norms) = body(
+            acc, jax.tree.map(lambda x: x[0], (chunked, keys))
+        )
     else:
-        grad_sum, (losses, aux, p_losses, norms) = jax.lax.scan(body, acc, chunked, unroll=unroll)
+        grad_sum, (losses, aux, p_losses, norms) = jax.lax.scan(
+            body, acc, (chunked, keys), unroll=unroll
+        )
     flat = lambda x: jnp.reshape(x, (k, *jnp.shape(x)[2:])) if k // group > 1 else x  # noqa: E731
     losses, p_losses, norms = flat(losses), flat(p_losses), flat(norms)
     aux = jax.tree.map(flat, aux) if has_aux else None

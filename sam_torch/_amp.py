@@ -15,12 +15,14 @@ the step is then skipped with the weights restored bit for bit (SAM's ``restore(
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._rng import RNGReplay
 from ._sam import SAM, _all_finite
 
 __all__ = ["ScaledSAM"]
@@ -161,7 +163,8 @@ class ScaledSAM:
         The closure computes the loss under autocast, calls ``amp.scale(loss).backward()``
         and returns the (unscaled) loss, which this returns; the gradients are set to
         ``None`` before each call. With ``SAM(..., model=model)`` the perturbed call runs
-        with the model's batch-norm running statistics frozen.
+        with the model's batch-norm running statistics frozen, and with the SAM's
+        ``dropout="same"`` (default) the perturbed call draws the clean call's dropout masks.
         If the second call raises, :math:`w` is restored before the exception propagates.
         """
         sam = self.optimizer
@@ -169,6 +172,11 @@ class ScaledSAM:
             raise TypeError(
                 f"closure must be a callable taking no arguments, got {type(closure).__name__}"
             )
+        # dropout="same": the perturbed call draws the clean call's masks (see SAM.step)
+        replay = (
+            RNGReplay([p for g in sam.param_groups for p in g["params"]])
+            if sam.dropout == "same" else contextlib.nullcontext()
+        )
         sam.zero_grad()
         with torch.enable_grad():
             loss = closure()
@@ -180,7 +188,7 @@ class ScaledSAM:
             return loss
         try:
             sam.zero_grad()
-            with torch.enable_grad(), sam._frozen_stats():
+            with torch.enable_grad(), sam._frozen_stats(), replay:
                 perturbed_loss = closure()
         except BaseException:
             sam.restore()

@@ -18,6 +18,7 @@ loop, through :class:`~sam_torch.TorchOps` under ``torch.func`` in the vectorize
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ import sam_core
 
 from ._bn import disable_running_stats
 from ._ops import TorchOps
+from ._rng import RNGReplay
 from ._sam import SAM, _finite_flag
 from ._variants import SAMON
 
@@ -120,6 +122,13 @@ def m_sharpness_step(
     replicas average their statistics (synced batch stats) holds; ``num_batches_tracked``
     grows by one (with ``momentum=None``, the cumulative average of these means).
     Other buffers a model updates in ``forward`` are not managed.
+
+    Dropout (the optimizer's ``dropout``): ``"same"`` (default) replays the random-number
+    generators (:class:`~sam_torch.RNGReplay`) so each chunk's perturbed pass draws the masks
+    of its clean pass; every chunk and every step draws fresh ones. ``"fresh"``: new masks in
+    the perturbed passes. The vectorized path runs dropout models under
+    ``vmap(randomness="different")`` (each chunk its own masks, the same rule; another
+    sample than the loop's, the same distribution).
 
     Args:
         optimizer: a :class:`~sam_torch.SAM` (SAM or ASAM, any base optimizer, any param
@@ -211,76 +220,162 @@ def _loop_step(
     chunks: list[Any], k: int,
 ) -> Tensor:
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:  # G is summed from zero
+        p.grad = None
     stats = _RunningStats(model)
-    # Per parameter, the running sum of the perturbed gradients: autograd accumulates into
-    # .grad in place, so between the clean passes each sum lives here and the perturbed
-    # backward adds into it directly (no copy, one buffer per parameter as in any step).
-    sums: dict[Tensor, Tensor] = {}
-    clean_loss: Tensor | None = None
-    perturbed_loss: Tensor | None = None
-    norm_sum: Tensor | None = None
-    clean_flags: Tensor | None = None  # device-side flags of the clean gradients (accelerators)
-    skip = False  # CPU: a chunk's clean gradient was not finite (first_step read its norm)
-    try:
-        for chunk in chunks:
-            for p in params:
-                p.grad = None
-            stats.before_clean_pass()
-            with torch.enable_grad():
-                loss = loss_fn(model, chunk)
-                _check_loss(loss)
-                loss.backward()
-            stats.after_clean_pass()
-            optimizer.first_step()
-            skip = skip or optimizer._skip_base_step
-            clean_flags = _and(clean_flags, optimizer._clean_finite)
-            if optimizer.grad_norm is not None:
-                norm_sum = _add(norm_sum, optimizer.grad_norm)
-            for p in params:
-                p.grad = sums.get(p)
-            with torch.enable_grad(), disable_running_stats(model):
-                ploss = loss_fn(model, chunk)
-                _check_loss(ploss)
-                ploss.backward()
-            optimizer.restore()
-            for p in params:
-                if p.grad is not None:
-                    sums[p] = p.grad
-            clean_loss = _add(clean_loss, loss.detach())
-            perturbed_loss = _add(perturbed_loss, ploss.detach())
-    except BaseException:
-        optimizer.restore()
-        stats.undo()
-        raise
+    step = _MStep()
+
+    def chunk_loss(chunk: Any) -> Tensor:
+        loss = loss_fn(model, chunk)
+        _check_loss(loss)
+        return loss
+
+    clean_sum, perturbed_sum = step.run_chunks(
+        optimizer, model, chunks, chunk_loss, stats, same_masks=optimizer.dropout == "same"
+    )
     inv_k = 1.0 / k
-    grads = list(sums.values())
     with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, inv_k)
-        if clean_loss is None or perturbed_loss is None:  # pragma: no cover - k >= 1
-            raise RuntimeError("m_sharpness_step: no chunk was computed")
-        clean_loss = clean_loss * inv_k
-        perturbed_loss = perturbed_loss * inv_k
-        if optimizer.skip_nonfinite and not skip:
-            if optimizer._check_perturbed:  # "both": the perturbed gradient G as well
-                # A read-only check first; a False may be an overflow of finite values,
-                # so it is confirmed with the exact one (as second_step does).
-                flag = _and(clean_flags, _finite_flag(grads, fast=True))
-                skip = flag is not None and not bool(flag)  # the one host sync of the step
-                if skip:
-                    flag = _and(clean_flags, _finite_flag(grads))
-                    skip = flag is not None and not bool(flag)
-            else:  # "clean": the perturbed loss, as step(closure) checks it
-                flag = _and(clean_flags, torch.isfinite(perturbed_loss))
-                skip = flag is not None and not bool(flag)  # the one host sync of the step
+        step.add(clean_sum * inv_k, perturbed_sum * inv_k)
+    skip = step.nonfinite(optimizer)
     if skip:
         stats.undo()
     else:
         stats.commit()
-    return _finish(
-        optimizer, skip, clean_loss, perturbed_loss,
-        None if norm_sum is None else norm_sum * inv_k,
-    )
+    return step.finish(optimizer, skip)
+
+
+def _backward(loss: Tensor) -> None:
+    loss.backward()
+
+
+class _MStep:
+    """One m-sharpness step: the chunk loop, the figures it gathers over its chunks (and, in
+    ``SAMTrainer``, over the step's micro-batches), and its end (the ``skip_nonfinite``
+    check and the base step). :func:`m_sharpness_step`'s loop and ``SAMTrainer(
+    m_sharpness=)`` both run it."""
+
+    def __init__(self) -> None:
+        self.skip = False  # CPU: a chunk's clean gradient was not finite (first_step read it)
+        self.clean_flags: Tensor | None = None  # accelerators: device-side finite flags
+        self.norm_sum: Tensor | None = None
+        self.norms = 0
+        self.clean: Tensor | None = None
+        self.perturbed: Tensor | None = None
+
+    def run_chunks(
+        self,
+        optimizer: SAM,
+        model: nn.Module,
+        chunks: Sequence[Any],
+        loss_fn: Callable[[Any], Tensor],
+        stats: _RunningStats,
+        *,
+        backward: Callable[[Tensor], Any] = _backward,
+        weight: float | None = None,
+        same_masks: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        r"""For each chunk: ``loss_fn(chunk)`` and ``backward`` at :math:`w` (from no
+        gradient), ``first_step()`` from that gradient alone, ``loss_fn(chunk)`` (times
+        ``weight``) and ``backward`` at :math:`w + e_c` added into the sum of perturbed
+        gradients, ``restore()``; returns the sums of the clean and of the perturbed losses.
+
+        The sum starts from the ``.grad`` found on entry (``None``: zero; ``SAMTrainer``'s
+        earlier micro-batches otherwise) and is in ``.grad`` on exit. ``same_masks``: each
+        chunk's perturbed pass replays the random-number generators of its clean pass
+        (:class:`~sam_torch.RNGReplay`), which then continue from where that clean pass
+        left them. ``stats`` collects each chunk's clean-pass running statistics (the caller
+        commits or undoes them); the perturbed passes leave them alone. If anything raises,
+        :math:`w` is restored, ``stats`` undone and ``.grad`` holds the sum of the chunks
+        done, then the exception propagates.
+        """
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        sums = {p: p.grad for p in params if p.grad is not None}
+        devices = list({p.device: None for p in params}) if same_masks else []
+        clean_sum: Tensor | None = None
+        perturbed_sum: Tensor | None = None
+        try:
+            for chunk in chunks:
+                for p in params:
+                    p.grad = None
+                replay = RNGReplay(devices) if same_masks else contextlib.nullcontext()
+                stats.before_clean_pass()
+                with torch.enable_grad():
+                    loss = loss_fn(chunk)
+                    backward(loss)  # g_c, the chunk's own gradient
+                stats.after_clean_pass()
+                optimizer.first_step()
+                self._after_first_step(optimizer)
+                for p in params:
+                    p.grad = sums.get(p)
+                with torch.enable_grad(), disable_running_stats(model), replay:
+                    perturbed = loss_fn(chunk)
+                    backward(perturbed if weight is None else perturbed * weight)
+                optimizer.restore()
+                for p in params:
+                    if p.grad is not None:
+                        sums[p] = p.grad
+                clean_sum = _add(clean_sum, loss.detach())
+                perturbed_sum = _add(perturbed_sum, perturbed.detach())
+        except BaseException:
+            optimizer.restore()
+            stats.undo()
+            for p in params:
+                p.grad = sums.get(p)
+            raise
+        if clean_sum is None or perturbed_sum is None:  # pragma: no cover - k >= 1
+            raise RuntimeError("m-sharpness: no chunk was computed")
+        return clean_sum, perturbed_sum
+
+    def _after_first_step(self, optimizer: SAM) -> None:
+        self.skip = self.skip or optimizer._skip_base_step
+        self.clean_flags = _and(self.clean_flags, optimizer._clean_finite)
+        if optimizer.grad_norm is not None:
+            self.norm_sum = _add(self.norm_sum, optimizer.grad_norm)
+            self.norms += 1
+
+    def add(self, clean: Tensor, perturbed: Tensor) -> None:
+        """Add the (weighted) clean and perturbed losses of a part of the step."""
+        self.clean = _add(self.clean, clean)
+        self.perturbed = _add(self.perturbed, perturbed)
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The mean over the chunks of the norms the perturbations were scaled by."""
+        return None if self.norm_sum is None else self.norm_sum / self.norms
+
+    def nonfinite(self, optimizer: SAM) -> bool:
+        """Whether ``skip_nonfinite`` skips this step, with the gradients of the step in
+        ``.grad``: a chunk's clean gradient was not finite, or (``"clean"``) the perturbed
+        loss, or (``"both"``) the stepped gradient. The one host sync of the step."""
+        skip = self.skip
+        if not optimizer.skip_nonfinite or skip:
+            return skip
+        with torch.no_grad():
+            if optimizer._check_perturbed:  # "both": the stepped gradient G as well
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+                         if p.grad is not None]
+                # A read-only check first; a False may be an overflow of finite values,
+                # so it is confirmed with the exact one (as second_step does).
+                flag = _and(self.clean_flags, _finite_flag(grads, fast=True))
+                skip = flag is not None and not bool(flag)
+                if skip:
+                    flag = _and(self.clean_flags, _finite_flag(grads))
+                    skip = flag is not None and not bool(flag)
+            else:  # "clean": the perturbed loss, as step(closure) checks it
+                if self.perturbed is None:  # pragma: no cover - add() ran
+                    raise RuntimeError("m-sharpness: no loss was recorded")
+                flag = _and(self.clean_flags, torch.isfinite(self.perturbed))
+                skip = flag is not None and not bool(flag)
+        return skip
+
+    def finish(self, optimizer: SAM, skip: bool) -> Tensor:
+        """The base step (unless ``skip``) and the figures ``step(closure)`` sets."""
+        if self.clean is None or self.perturbed is None:  # pragma: no cover - add() ran
+            raise RuntimeError("m-sharpness: no loss was recorded")
+        return _finish(optimizer, skip, self.clean, self.perturbed, self.grad_norm)
 
 
 def _finish(
@@ -423,6 +518,8 @@ def _vectorized_step(
     counters = {"model." + n: b for n, b in tracked.items() if not b.is_floating_point()}
     weights = {"model." + n: p.detach() for n, p in model.named_parameters() if n in opt_set}
     module = _LossModule(model, loss_fn)
+    same_masks = optimizer.dropout == "same"
+    devices = list({p.device: None for p in weights.values()}) if same_masks else []
 
     def perturb(w: dict[str, Tensor], g: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         # SAM's _perturb_with, functionally: a direction and squared norm per group, one
@@ -458,9 +555,15 @@ def _vectorized_step(
                 loss = functional_call(module, {**w_, **frozen, **b_}, (chunk,))
             return loss, loss
 
+        # dropout="same": the perturbed pass replays the generators of the clean one. Under
+        # vmap(randomness="different") each random op draws one sample per chunk, so each
+        # chunk gets its own masks, the same in its two passes (other numbers than the
+        # loop's, which draws chunk after chunk: the same distribution).
+        replay = RNGReplay(devices) if same_masks else contextlib.nullcontext()
         g, loss = grad(clean, has_aux=True)(w, bufs)
         w_pert, norm = perturb(w, g)
-        g_pert, ploss = grad(perturbed, has_aux=True)(w_pert, bufs)
+        with replay:
+            g_pert, ploss = grad(perturbed, has_aux=True)(w_pert, bufs)
         # Per chunk: is the clean gradient finite (the check first_step makes)?
         finite = torch.stack([torch.isfinite(x).all() for x in g.values()]).all()
         return g_pert, loss, ploss, norm, finite, {n: bufs[n] for n in per_chunk_bufs}
@@ -469,7 +572,8 @@ def _vectorized_step(
     try:
         with torch.enable_grad():
             g_pert, losses, plosses, norms, clean_finite, new_bufs = vmap(
-                chunk_update, in_dims=(None, 0, 0), chunk_size=chunk_size
+                chunk_update, in_dims=(None, 0, 0), chunk_size=chunk_size,
+                randomness="different",
             )(weights, per_chunk_bufs, chunked)
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
         reason = _vmap_failure_reason(exc, model)

@@ -17,6 +17,7 @@ import sam_core
 
 from ._bn import disable_running_stats
 from ._ops import SMALL_NUMEL, TorchOps
+from ._rng import RNGReplay
 
 __all__ = ["SAM"]
 
@@ -62,7 +63,9 @@ class SAM(Optimizer):
     * ``first_step()`` / ``second_step()``, exactly as users of that wrapper know them:
       backward at :math:`w`, ``first_step()``, backward at :math:`w + e`, ``second_step()``
       (optionally with ``loss=`` for :attr:`loss`, :attr:`perturbed_loss` and
-      :attr:`sharpness`).
+      :attr:`sharpness`). The passes are the loop's own: for the same dropout masks in
+      both, take a :class:`RNGReplay` before the clean pass and run the perturbed one in
+      ``with replay:``.
 
     Migrating from the popular wrapper: the constructor takes the same ``rho``,
     ``adaptive`` and base-optimizer keywords (``eps=`` included, which goes to the base
@@ -147,6 +150,17 @@ class SAM(Optimizer):
             ``optax.apply_if_finite(max_consecutive_errors=)`` but raising instead of
             applying the update. Whatever it is, SAM warns once (``RuntimeWarning``) when
             more than 10 steps in a row were skipped; :attr:`consecutive_skips` counts them.
+        dropout: ``"same"`` (default): when ``step(closure)`` calls the closure twice, the
+            perturbed call replays torch's random-number generators (CPU and the
+            parameters' accelerators; :class:`RNGReplay`), so it draws the clean call's
+            dropout masks: both passes evaluate one sampled objective, ``rho = 0`` is the
+            base optimizer's step exactly and :attr:`sharpness` measures sharpness, not
+            dropout noise. Each step draws fresh masks (the generators continue from where
+            the clean call left them). ``"fresh"``: the perturbed call draws new masks.
+            Whatever it is, the popular wrapper's loop (``loss.backward()`` before
+            ``step(closure)``, one closure call at :math:`w + e`) draws fresh masks, since
+            its clean pass ran before ``step`` was called; the two-step API gets the same
+            masks with :class:`RNGReplay`.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``eps``,
             ``maximize``, ...). With ``maximize=True`` the base optimizer ascends on
             :math:`L`, i.e. minimizes :math:`-L`, so SAM's ascent step is on :math:`-L`:
@@ -189,9 +203,12 @@ class SAM(Optimizer):
         storage: Literal["auto", "swap", "copy"] = "auto",
         skip_nonfinite: bool | Literal["clean", "both"] = "clean",
         max_consecutive_skips: int | None = None,
+        dropout: Literal["same", "fresh"] = "same",
         **base_kwargs: Any,
     ) -> None:
         sam_core.validate_sam(rho=rho, eps=sam_eps, eta=eta, adaptive=adaptive, eps_name="sam_eps")
+        if not (isinstance(dropout, str) and dropout in ("same", "fresh")):
+            raise ValueError(f"dropout must be 'same' or 'fresh', got {dropout!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module (its batch-norm layers are frozen during the "
@@ -276,6 +293,9 @@ class SAM(Optimizer):
         #: ``max_consecutive_skips`` as given: that many skipped steps in a row are
         #: tolerated, the next one raises ``RuntimeError``.
         self.max_consecutive_skips = max_consecutive_skips
+        #: ``"same"``: ``step(closure)`` replays the random-number generators so that the
+        #: perturbed closure call draws the clean call's dropout masks; ``"fresh"``: new ones.
+        self.dropout = dropout
         #: Number of steps skipped in a row (non-finite gradients); 0 after a taken step.
         self.consecutive_skips = 0
         # Which gradients the last step (or zero_grad) left, to tell a fresh backward pass
@@ -650,13 +670,21 @@ class SAM(Optimizer):
           closure is called once, at :math:`w + e`. This is the popular PyTorch SAM
           wrapper's loop, ``loss.backward(); optimizer.step(closure);
           optimizer.zero_grad()``, which gives that wrapper's trajectory, batch-norm
-          running statistics and dropout masks included (two forward passes per step).
+          running statistics and dropout masks included (two forward passes per step;
+          the perturbed pass draws fresh masks, as there: the clean pass ran before
+          ``step`` could record the generators).
           Zero gradients with ``optimizer.zero_grad()`` or ``set_to_none=True`` (the
           default): gradients zeroed in place by other means look like a fresh backward.
 
         With ``SAM(..., model=model)`` the perturbed call runs with the model's batch-norm
         running statistics frozen (:func:`disable_running_stats`), so they come from the
         clean pass only, without the closure knowing.
+
+        When the closure is called twice, the perturbed call draws the clean call's dropout
+        masks (``dropout="same"``, the default: the random-number generators are replayed,
+        see :class:`RNGReplay`) and the next step draws fresh ones; ``dropout="fresh"`` draws
+        new masks at :math:`w + e`. The replay is done whether or not the model is in
+        training mode (it costs two small host copies of the generators' state).
 
         If the closure raises at :math:`w + e` (including ``KeyboardInterrupt`` or an
         out-of-memory error), the parameters are restored to :math:`w` before the
@@ -691,7 +719,10 @@ class SAM(Optimizer):
                 "two-step API with second_step() (or restore()) before calling step()."
             )
         loss = None
+        replay: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if not self._has_fresh_grads():
+            if self.dropout == "same":  # the clean call's dropout masks again at w + e
+                replay = RNGReplay([p for g in self.param_groups for p in g["params"]])
             self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
@@ -703,7 +734,7 @@ class SAM(Optimizer):
             return loss
         try:
             self.zero_grad()
-            with torch.enable_grad(), self._frozen_stats():
+            with torch.enable_grad(), self._frozen_stats(), replay:
                 perturbed_loss = closure()
         except BaseException:
             self.restore()

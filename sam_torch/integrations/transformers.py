@@ -40,17 +40,14 @@ from transformers import Trainer, TrainerCallback
 
 import sam_core
 import sam_torch
-from sam_torch import SAM, disable_running_stats
+from sam_torch import SAM, RNGReplay, disable_running_stats
 from sam_torch._msharpness import (
     _UNSUPPORTED,
-    _add,
-    _and,
     _batch_size,
-    _finish,
+    _MStep,
     _RunningStats,
     _split,
 )
-from sam_torch._sam import _finite_flag
 
 __all__ = ["SAMTrainer"]
 
@@ -160,7 +157,8 @@ class SAMTrainer(Trainer):
         sam_class: :class:`sam_torch.SAM` or one of its variants (default ``SAM``).
         sam_kwargs: other keyword arguments of ``sam_class`` (``eta``, ``alpha``, ``k``,
             ``skip_nonfinite``, ...).
-        sam_dropout: ``"same"`` or ``"fresh"`` dropout masks in the perturbed pass.
+        sam_dropout: ``"same"`` or ``"fresh"`` dropout masks in the perturbed pass (the
+            Trainer runs the passes, so this, not the SAM's own ``dropout``, decides).
         m_sharpness: examples per chunk of m-sharpness, a divisor of
             ``per_device_train_batch_size``; ``None`` (default): batch SAM.
 
@@ -254,11 +252,11 @@ class SAMTrainer(Trainer):
         self.sam: SAM | None = optimizer
         self._window: list[Any] | None = None  # micro-batches of the current optimizer step
         self._window_index = 0
-        self._rng_states: list[_RNGState] = []
+        self._rng_states: list[RNGReplay] = []
         self._clean_loss: Tensor | None = None
         self._log_sums: dict[str, Tensor] = {}
         self._log_steps = 0
-        self._m_step: _MStep | None = None  # m-sharpness: the step being accumulated
+        self._m_step: _TrainerMStep | None = None  # m-sharpness: the step being accumulated
         self.add_callback(_RestoreAfterStep(self))
 
     def _check_m_sharpness_setting(self, m: int, optimizer: Any) -> None:
@@ -379,9 +377,8 @@ class SAMTrainer(Trainer):
                 self._window = None
             return loss
         same_masks = self.sam_dropout == "same"
-        device = self.args.device
-        if same_masks:
-            self._rng_states.append(_RNGState(device))
+        if same_masks:  # this micro-batch's clean-pass generators, replayed at w + e
+            self._rng_states.append(RNGReplay([self.args.device]))
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._clean_loss = loss if first else self._clean_loss + loss
         if not last:
@@ -392,23 +389,20 @@ class SAMTrainer(Trainer):
         self._unscale_clean_gradient()
         sam.first_step(zero_grad=True)
         grad_norm = sam.grad_norm
-        after_clean = _RNGState(device) if same_masks else None
         perturbed_loss = None
         try:
             with disable_running_stats(model):
                 for i, micro_batch in enumerate(window):
-                    if same_masks:
-                        self._rng_states[i].restore()
+                    # each replay ends with the generators where the clean passes left them
+                    replay = self._rng_states[i] if same_masks else contextlib.nullcontext()
                     sync = contextlib.nullcontext() if i == len(window) - 1 else self._no_sync(model)
-                    with sync:
+                    with sync, replay:
                         part = super().training_step(model, micro_batch, num_items_in_batch)
                     perturbed_loss = part if perturbed_loss is None else perturbed_loss + part
         except BaseException:
             sam.restore()
             raise
         finally:
-            if after_clean is not None:
-                after_clean.restore()
             self._rng_states = []
         self._record(perturbed_loss - self._clean_loss, grad_norm)
         return loss
@@ -451,7 +445,7 @@ class SAMTrainer(Trainer):
             for micro_batch in window:  # before anything of this step is computed
                 self._m_chunks(_batch_size(_as_batch(micro_batch)))
             model.train()
-            self._m_step = _MStep(model)
+            self._m_step = _TrainerMStep(model)
             self._adapter().m_step = None
         step = self._m_step
         if step is None:  # pragma: no cover - first is always seen before the others
@@ -464,55 +458,23 @@ class SAMTrainer(Trainer):
         accumulation = getattr(self, "current_gradient_accumulation_steps", None)
         accumulation = accumulation or self.args.gradient_accumulation_steps
         scale = 1.0 / (k * accumulation)  # G = mean over the step's chunks
-        params = [p for g in sam.param_groups for p in g["params"]]
-        sums = {p: p.grad for p in params if p.grad is not None}  # earlier micro-batches' G
         stats = _RunningStats(model)
-        device = self.args.device
-        same_masks = self.sam_dropout == "same"
-        clean_sum: Tensor | None = None
-        perturbed_sum: Tensor | None = None
         try:
-            for chunk in _split(batch, m):
-                for p in params:
-                    p.grad = None
-                before = _RNGState(device) if same_masks else None
-                stats.before_clean_pass()
-                loss = self._chunk_loss(model, chunk)
-                self.accelerator.backward(loss)  # g_c, the chunk's own gradient
-                stats.after_clean_pass()
-                sam.first_step()
-                step.after_first_step(sam)
-                for p in params:
-                    p.grad = sums.get(p)
-                after = None
-                if before is not None:  # the chunk's clean dropout masks again
-                    after = _RNGState(device)
-                    before.restore()
-                try:
-                    with disable_running_stats(model):
-                        perturbed = self._chunk_loss(model, chunk)
-                        self.accelerator.backward(perturbed * scale)
-                finally:
-                    if after is not None:
-                        after.restore()
-                sam.restore()
-                for p in params:
-                    if p.grad is not None:
-                        sums[p] = p.grad
-                clean_sum = _add(clean_sum, loss.detach())
-                perturbed_sum = _add(perturbed_sum, perturbed.detach())
+            # the shared chunk loop: accelerator.backward (its loss scaling), perturbed
+            # losses weighted 1/(kA) into .grad, dropout replayed per chunk, no base step
+            clean_sum, perturbed_sum = step.run_chunks(
+                sam, model, _split(batch, m), lambda chunk: self._chunk_loss(model, chunk),
+                stats, backward=self.accelerator.backward, weight=scale,
+                same_masks=self.sam_dropout == "same",
+            )
         except BaseException:
-            sam.restore()
-            stats.undo()
-            for p in params:
-                p.grad = sums.get(p)
             self._m_step = None
             raise
         stats.commit()
-        assert clean_sum is not None and perturbed_sum is not None
         clean, perturbed = clean_sum * scale, perturbed_sum * scale
         step.add(clean, perturbed)
         if last:
+            assert step.clean is not None and step.perturbed is not None
             self._record(step.perturbed - step.clean, step.grad_norm)
             self._adapter().m_step = step
             self._m_step = None
@@ -586,7 +548,7 @@ class _SAMStep(torch.optim.Optimizer):
         self.sam = sam
         #: m-sharpness: the step whose perturbed-point gradients ``.grad`` holds, finished
         #: (skip check, base step) by ``step()``.
-        self.m_step: _MStep | None = None
+        self.m_step: _TrainerMStep | None = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -629,7 +591,7 @@ class _SAMStep(torch.optim.Optimizer):
             return self.sam.step(closure)
         if self.m_step is not None:
             m_step, self.m_step = self.m_step, None
-            m_step.finish(self.sam)
+            m_step.finish_step(self.sam)
             return None
         if self.sam.is_perturbed:
             self.sam.second_step()
@@ -660,31 +622,6 @@ class _RestoreAfterStep(TrainerCallback):
             sam.restore()
 
 
-class _RNGState:
-    """The torch CPU generator's state and the accelerator's (if any), to replay dropout."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cpu = torch.get_rng_state()
-        self.device = device
-        self.accel: Tensor | None = None
-        if device.type == "cuda":
-            self.accel = torch.cuda.get_rng_state(device)
-        elif device.type != "cpu":
-            module = getattr(torch, device.type, None)
-            get_state = getattr(module, "get_rng_state", None)
-            if get_state is not None:
-                self.accel = get_state()
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.accel is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(self.accel, self.device)
-        else:
-            getattr(torch, self.device.type).set_rng_state(self.accel)
-
-
 def _is_optimizer_factory(optimizer_cls: Any) -> bool:
     try:  # transformers >= 5: optimizers built from the model (Muon, Dion)
         from transformers.trainer_optimizer import is_optimizer_factory
@@ -693,54 +630,20 @@ def _is_optimizer_factory(optimizer_cls: Any) -> bool:
     return bool(is_optimizer_factory(optimizer_cls))
 
 
-class _MStep:
-    """The figures of one m-sharpness optimizer step, gathered over its micro-batches and
-    chunks, and its end: the ``skip_nonfinite`` check and the base step, as in
-    :func:`sam_torch.m_sharpness_step`."""
+class _TrainerMStep(_MStep):
+    """An m-sharpness optimizer step of the Trainer: the shared chunk loop's figures over
+    the step's micro-batches, the running statistics at its start (put back if the step is
+    skipped), and its end, run by ``optimizer.step()``."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.stats = _RunningStats(model)  # the running statistics before the step
-        self.skip = False  # CPU: a chunk's clean gradient was not finite
-        self.clean_flags: Tensor | None = None  # accelerators: device-side finite flags
-        self.norm_sum: Tensor | None = None
-        self.norms = 0
-        self.clean: Tensor | None = None
-        self.perturbed: Tensor | None = None
+        super().__init__()
+        self.start = _RunningStats(model)
 
-    def after_first_step(self, sam: SAM) -> None:
-        self.skip = self.skip or sam._skip_base_step
-        self.clean_flags = _and(self.clean_flags, sam._clean_finite)
-        if sam.grad_norm is not None:
-            self.norm_sum = _add(self.norm_sum, sam.grad_norm)
-            self.norms += 1
-
-    def add(self, clean: Tensor, perturbed: Tensor) -> None:
-        self.clean = _add(self.clean, clean)
-        self.perturbed = _add(self.perturbed, perturbed)
-
-    @property
-    def grad_norm(self) -> Tensor | None:
-        return None if self.norm_sum is None else self.norm_sum / self.norms
-
-    def finish(self, sam: SAM) -> None:
-        assert self.clean is not None and self.perturbed is not None
-        skip = self.skip
-        if sam.skip_nonfinite and not skip:
-            with torch.no_grad():
-                if sam._check_perturbed:  # "both": the stepped gradient as well
-                    grads = [p.grad for g in sam.param_groups for p in g["params"]
-                             if p.grad is not None]
-                    flag = _and(self.clean_flags, _finite_flag(grads, fast=True))
-                    skip = flag is not None and not bool(flag)
-                    if skip:  # confirm with the exact check
-                        flag = _and(self.clean_flags, _finite_flag(grads))
-                        skip = flag is not None and not bool(flag)
-                else:  # "clean": and the perturbed loss
-                    flag = _and(self.clean_flags, torch.isfinite(self.perturbed))
-                    skip = flag is not None and not bool(flag)
+    def finish_step(self, sam: SAM) -> None:
+        skip = self.nonfinite(sam)
         if skip:
-            self.stats.undo()
-        _finish(sam, skip, self.clean, self.perturbed, self.grad_norm)
+            self.start.undo()
+        self.finish(sam, skip)
 
 
 def _as_batch(inputs: Any) -> Any:
