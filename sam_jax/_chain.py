@@ -83,7 +83,7 @@ def check_chain(tx: optax.GradientTransformation, params: Any) -> None:
         )
     for path, leaf in sam_states:
         positions = [k.idx for k in path if isinstance(k, jax.tree_util.SequenceKey)]
-        if any(positions) and not (len(sam_states) == 1 and _reaches_sam_untouched(tx, params)):
+        if any(positions) and not (len(sam_states) == 1 and _reaches_sam_untouched(tx, state, params)):
             where = jax.tree_util.keystr(path)
             if isinstance(leaf, (SAMState, SAMONState)):
                 allowed = (
@@ -105,7 +105,7 @@ def check_chain(tx: optax.GradientTransformation, params: Any) -> None:
             )
 
 
-def _reaches_sam_untouched(tx: optax.GradientTransformation, params: Any) -> bool:
+def _reaches_sam_untouched(tx: optax.GradientTransformation, state: Any, params: Any) -> bool:
     """Whether ``tx.update`` hands its ``updates`` to the chain's sam / samon untouched.
 
     Traced abstractly (nothing is computed): a probe ``grad_fn`` stops the update at sam,
@@ -115,7 +115,6 @@ def _reaches_sam_untouched(tx: optax.GradientTransformation, params: Any) -> boo
     nor does a transformation that needs an extra argument this check cannot supply).
     ``optax.MultiSteps`` around the whole chain is looked through (it hands the mean of the
     gradients, the documented use)."""
-    state = jax.eval_shape(tx.init, params)
     multi = tx if isinstance(tx, optax.MultiSteps) else getattr(tx.update, "__self__", None)
     if isinstance(multi, optax.MultiSteps) and isinstance(state, optax.MultiStepsState):
         tx, state = multi.inner_opt, state.inner_opt_state

@@ -392,7 +392,7 @@ def _perturbation_rule(
                 "optax.apply_if_finite(base, n)) (it then checks the m-sharpness gradient), "
                 "wrap the chain in optax.MultiSteps only at the top, or keep rho constant."
             ) from None
-        return found
+        return found.with_traceback(None)  # keep no frames (and their tracers) alive
     raise TypeError(
         "m_sharpness_update did not reach the sam_jax.sam / sam_jax.samon of tx when calling "
         "tx.update (a wrapper that does not call its inner transformation?); build tx as "

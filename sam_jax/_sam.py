@@ -159,7 +159,10 @@ def sam(
           ``(loss, grads)`` / ``((loss, aux), grads)`` as ``jax.value_and_grad`` does (the
           loss is then recorded in :class:`SAMState` and ``aux`` is discarded; Flax
           ``batch_stats`` updated by the perturbed pass should be discarded too). The
-          returned gradient must have the structure, shapes and dtypes of ``updates``;
+          returned gradient must have the structure, shapes and dtypes of ``updates``.
+          Inside ``optax.masked`` / ``optax.partition`` (which hand ``sam`` only its own
+          leaves) pass ``sam_jax.with_full_params(grad_fn, params)``: ``sam`` then perturbs
+          its leaves only (the norm over them) and keeps their gradient;
         * ``value``: optionally the clean loss :math:`L(w)`, recorded in the state.
 
     Raises:
@@ -167,7 +170,8 @@ def sam(
             messages as ``sam_torch.SAM``); ``m_sharpness`` without ``axis_name``.
         TypeError: ``adaptive`` or ``m_sharpness`` not a bool, ``axis_name`` not a string;
             at ``init``/``update``: parameters that are not floating point (integer, bool or
-            complex), or a ``grad_fn`` gradient of another dtype than ``updates``.
+            complex), a ``grad_fn`` gradient of another dtype than ``updates``, or a plain
+            ``grad_fn`` inside ``optax.masked`` / ``optax.partition``.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
     sam_core.check_bool("m_sharpness", m_sharpness)

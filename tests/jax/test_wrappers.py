@@ -91,11 +91,11 @@ def base():
     return optax.chain(optax.add_decayed_weights(WD), optax.sgd(LR, momentum=MOMENTUM))
 
 
-def msam_step(tx, m, **kw):
+def msam_step(tx, m, impl="scan"):
     @jax.jit
     def step(params, state, batch, **extra):
         updates, state, loss, _ = sam_jax.m_sharpness_update(
-            tx, loss_fn, params, state, batch, m=m, impl="scan", **kw, **extra)
+            tx, loss_fn, params, state, batch, m=m, impl=impl, **extra)
         return optax.apply_updates(params, updates), state, loss
     return step
 
@@ -322,6 +322,31 @@ def test_masked_alone_passes_the_other_leaves_through():
     assert_close(updates, [-LR * g[0], clean[1], clean[2], -LR * g[3]])
 
 
+def test_mask_compatible_extra_args_and_a_group_that_selects_nothing():
+    """with_full_params is not a params-shaped tree, so mask_compatible_extra_args leaves it
+    whole; a sam group given no leaf perturbs nothing and never calls grad_fn."""
+    params = to_tree(ref.init_mlp())
+    x, t = batches(1)[0]
+    grads = jax.grad(loss_fn)(params, (x, t))
+    grad_fn = sam_jax.with_full_params(jax.grad(lambda p: loss_fn(p, (x, t))), params)
+    plain = partition(LEAF_LABELS)
+    compat = optax.partition(
+        {"sam": optax.chain(sam_jax.sam(RHO), optax.sgd(LR)), "plain": optax.sgd(LR)},
+        LEAF_LABELS, mask_compatible_extra_args=True)
+    a, _ = plain.update(grads, plain.init(params), params, grad_fn=grad_fn)
+    b, _ = compat.update(grads, compat.init(params), params, grad_fn=grad_fn)
+    assert_equal(a, b)
+
+    def never(_):
+        raise AssertionError("grad_fn called for a group with no parameters")
+
+    nothing = partition(jax.tree.map(lambda _: "plain", LEAF_LABELS))
+    updates, state = nothing.update(grads, nothing.init(params), params,
+                                    grad_fn=sam_jax.with_full_params(never, params))
+    assert_close(updates, [-LR * g for g in to_list(grads)], rtol=1e-15)
+    assert int(state.inner_states["sam"].inner_state[0].count) == 1
+
+
 def test_a_plain_grad_fn_inside_a_mask_raises_with_the_fix():
     tx = partition(LEAF_LABELS)
     params = to_tree(ref.init_mlp())
@@ -355,13 +380,13 @@ def test_with_full_params_without_a_mask_is_the_grad_fn():
         sam_jax.with_full_params(grad_fn, None)
 
 
-@pytest.mark.parametrize("m", [2, B])
-def test_m_sharpness_in_a_partition(m):
+@pytest.mark.parametrize(("m", "impl"), [(2, "scan"), (2, "vmap"), (B, "scan")])
+def test_m_sharpness_in_a_partition(m, impl):
     """Each chunk perturbs only the sam group's leaves with its own gradient; the sam group
     steps on the mean perturbed gradient, the other group on the clean batch gradient.
     m = B is the batch-SAM partition step."""
     tx = partition(LEAF_LABELS)
-    step = msam_step(tx, m)
+    step = msam_step(tx, m, impl=impl)
     w = ref.init_mlp()
     params, state = to_tree(w), tx.init(to_tree(w))
     for x, t in batches(2):
