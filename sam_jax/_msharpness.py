@@ -163,7 +163,7 @@ def m_sharpness_update(
             step whose :math:`G` is not finite; inside ``optax.masked`` /
             ``optax.partition`` sam perturbs only its own leaves (the others get the clean
             gradient :math:`\frac1k \sum_c g_c`); ``optax.inject_hyperparams`` schedules
-            reach every chunk. A scheduled rho inside ``apply_if_finite`` raises
+            reach every chunk. A rho injected with ``inject_hyperparams`` inside ``apply_if_finite`` raises
             ``TypeError`` (put the wrapper after sam instead).
         loss_fn: ``loss_fn(params, chunk)`` returns the chunk's **mean** loss, or
             ``(loss, aux)`` with ``has_aux=True``; it sees one chunk (leaves of shape
@@ -203,7 +203,7 @@ def m_sharpness_update(
         ValueError: ``m`` does not divide the batch size (naming B, m and the divisors of
             B); ``impl`` or ``chunk_size`` invalid.
         TypeError: ``tx`` has no :func:`sam_jax.sam` state, or a variant's; ``grad_fn=`` in
-            ``extra_args``; a scheduled hyperparameter inside a wrapper's ``lax.cond``.
+            ``extra_args``; an injected hyperparameter inside a wrapper's ``lax.cond``.
     """
     if impl not in ("auto", "scan", "vmap"):
         raise ValueError(f"impl must be 'auto', 'scan' or 'vmap', got {impl!r}")
@@ -245,7 +245,9 @@ def m_sharpness_update(
         out, grads = value_and_grad(params, chunk)
         loss, aux = out if has_aux else (out, None)
         own = restrict(selected, params)
-        moved, norm = found.perturb(jax.tree.leaves(own), jax.tree.leaves(restrict(selected, grads)))
+        moved, norm = found.perturb(
+            jax.tree.leaves(own), jax.tree.leaves(restrict(selected, grads))
+        )
         point = pick(selected, jax.tree.unflatten(jax.tree.structure(own), moved), params)
         p_out, p_grads = value_and_grad(point, chunk)
         p_loss = p_out[0] if has_aux else p_out
@@ -370,7 +372,9 @@ def _perturbation_rule(
     where they cannot be used."""
     while True:
         multi = tx if isinstance(tx, optax.MultiSteps) else getattr(tx.update, "__self__", None)
-        if not (isinstance(multi, optax.MultiSteps) and isinstance(opt_state, optax.MultiStepsState)):
+        if not isinstance(multi, optax.MultiSteps):
+            break
+        if not isinstance(opt_state, optax.MultiStepsState):
             break
         tx, opt_state = multi.inner_opt, opt_state.inner_opt_state
     placeholder = jnp.zeros((), jnp.float32) if value is None else value
@@ -385,12 +389,14 @@ def _perturbation_rule(
         if traced and around:
             raise TypeError(
                 "m_sharpness_update cannot perturb the chunks with the sam_jax "
-                "transformation's hyperparameters: they are computed at this step (e.g. rho "
-                f"scheduled with optax.inject_hyperparams) inside {' and '.join(around)}, "
+                "transformation's hyperparameters: they are traced at this step (rho injected "
+                "with optax.inject_hyperparams, scheduled or not) inside "
+                f"{' and '.join(around)}, "
                 "which runs the chain in a jax.lax.cond. Put the wrapper after sam: "
                 "optax.chain(optax.inject_hyperparams(sam_jax.sam)(rho=schedule), "
                 "optax.apply_if_finite(base, n)) (it then checks the m-sharpness gradient), "
-                "wrap the chain in optax.MultiSteps only at the top, or keep rho constant."
+                "wrap the chain in optax.MultiSteps only at the top, or give sam_jax.sam a "
+                "constant rho (not injected)."
             ) from None
         return found.with_traceback(None)  # keep no frames (and their tracers) alive
     raise TypeError(

@@ -258,8 +258,9 @@ def sam(
             perturbed_value, new_leaves, grad_norm = None, g_leaves, jnp.zeros((), dtype)
         else:
             perturbed, grad_norm = perturb(p_leaves, g_leaves)
+            point = jax.tree.unflatten(p_treedef, perturbed)
             perturbed_value, new_grads = _split_grad_fn_output(
-                call_grad_fn("sam_jax.sam", grad_fn, jax.tree.unflatten(p_treedef, perturbed)), p_treedef
+                call_grad_fn("sam_jax.sam", grad_fn, point), p_treedef
             )
             new_leaves = jax.tree.leaves(new_grads)
             _check_like(new_leaves, g_leaves)
