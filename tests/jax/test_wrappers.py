@@ -53,9 +53,10 @@ def batches(n, seed=1):
     return [(jnp.asarray(x), jnp.asarray(t)) for x, t in ref.make_batches(n, n=B, seed=seed)]
 
 
-def np_sam_gradient(w, x, t, selected, rho=RHO, adaptive=False):
+def np_sam_gradient(w, x, t, selected, rho=RHO, adaptive=False, samon=False):
     """One (chunk's) SAM gradient perturbing only the ``selected`` leaves, with the norm over
-    those: ``grad L(w_S + e_S, w_rest)`` on S, the clean gradient elsewhere.
+    those: ``grad L(w_S + e_S, w_rest)`` on S, the clean gradient elsewhere (SAM-ON,
+    ``samon=True``: the perturbed gradient everywhere).
     Returns (gradient, loss, perturbed loss, norm)."""
     loss, g = ref.mlp_loss_and_grad(w, x, t)
     scale = [np.abs(wi) + ETA if adaptive else np.ones_like(wi) for wi in w]
@@ -63,14 +64,17 @@ def np_sam_gradient(w, x, t, selected, rho=RHO, adaptive=False):
     point = [wi + rho * s * s * gi / (norm + EPS) if on else wi
              for wi, s, gi, on in zip(w, scale, g, selected, strict=True)]
     ploss, pg = ref.mlp_loss_and_grad(point, x, t)
+    if samon:
+        return pg, loss, ploss, norm
     return [p if on else c for p, c, on in zip(pg, g, selected, strict=True)], loss, ploss, norm
 
 
-def np_msam_gradient(w, x, t, m, selected=(True,) * 4, rho=RHO, adaptive=False):
+def np_msam_gradient(w, x, t, m, selected=(True,) * 4, rho=RHO, adaptive=False, samon=False):
     """m-sharpness: the mean over consecutive chunks of m examples of np_sam_gradient."""
     x, t = np.asarray(x), np.asarray(t)
     k = len(x) // m
-    parts = [np_sam_gradient(w, x[c * m:(c + 1) * m], t[c * m:(c + 1) * m], selected, rho, adaptive)
+    parts = [np_sam_gradient(w, x[c * m:(c + 1) * m], t[c * m:(c + 1) * m], selected, rho,
+                             adaptive, samon)
              for c in range(k)]
     grad = [sum(p[0][i] for p in parts) / k for i in range(4)]
     return grad, np.mean([p[1] for p in parts]), np.mean([p[2] for p in parts]), np.mean([p[3] for p in parts])
@@ -142,6 +146,24 @@ def test_multisteps_averages_k_m_sharpness_gradients_then_one_base_step(schedule
     np.testing.assert_allclose(float(sam_state.perturbed_value), ploss, rtol=1e-12)
     np.testing.assert_allclose(float(sam_state.grad_norm), norm, rtol=1e-12)
     assert step._cache_size() == 1
+
+
+def test_multisteps_with_samon():
+    """SAM-ON per chunk (masked perturbation, perturbed gradient on every leaf) accumulates
+    the same way."""
+    k, m = 2, 4
+    mask = {"fc1": {"w": False, "b": True}, "fc2": {"w": False, "b": True}}
+    tx = optax.MultiSteps(optax.chain(sam_jax.samon(0.2, mask=mask, adaptive=True), optax.sgd(LR)),
+                          k, accumulator_dtype=jnp.float64)
+    step = msam_step(tx, m)
+    w = ref.init_mlp()
+    params, state = to_tree(w), tx.init(to_tree(w))
+    data = batches(k)
+    for x, t in data:
+        params, state, _ = step(params, state, (x, t))
+    grads = [np_msam_gradient(w, x, t, m, (False, True, False, True), rho=0.2, adaptive=True,
+                              samon=True)[0] for x, t in data]
+    assert_close(params, [a - LR * (g1 + g2) / 2 for a, g1, g2 in zip(w, *grads, strict=True)])
 
 
 # ---------------------------------------------------------------------------------------
