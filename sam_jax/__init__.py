@@ -6,6 +6,7 @@
 
 from sam_core import __version__
 from sam_jax._chain import check_chain
+from sam_jax._grad_fn import FullParamsGradFn, with_full_params
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps
 from sam_jax._sam import SAMState, sam
@@ -34,6 +35,7 @@ from sam_jax._variants import (
 __all__ = [
     "EveryKSAMState",
     "FriendlySAMState",
+    "FullParamsGradFn",
     "GSAMState",
     "JaxOps",
     "LookSAMState",
@@ -57,5 +59,6 @@ __all__ = [
     "sam",
     "samon",
     "vasso",
+    "with_full_params",
     "wsam",
 ]

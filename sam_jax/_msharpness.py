@@ -69,6 +69,7 @@ import optax
 
 import sam_core
 
+from ._grad_fn import MSharpnessStep, PerturbationFound, PerturbationProbe, pick, restrict
 from ._ops import accumulation_dtype
 from ._sam import SAMState
 from ._variants import SAMONState
@@ -157,6 +158,14 @@ def m_sharpness_update(
             SAM, or :func:`sam_jax.samon` (each chunk perturbs the masked parameters with
             its own gradient). The other variants (``gsam``, ``wsam``, ``friendly_sam``,
             ``vasso``, ``looksam``, ``every_k_sam``, ``momentum_sam``) raise ``TypeError``.
+            The Optax wrappers work as with batch SAM, :math:`G` taking the place of the
+            gradient: ``optax.MultiSteps(tx, n)`` averages the :math:`G` of ``n`` calls and
+            steps on the ``n``-th; ``optax.apply_if_finite(tx, n)`` skips (and counts) a
+            step whose :math:`G` is not finite; inside ``optax.masked`` /
+            ``optax.partition`` sam perturbs only its own leaves (the others get the clean
+            gradient :math:`\frac1k \sum_c g_c`); ``optax.inject_hyperparams`` schedules
+            reach every chunk. A rho injected with ``inject_hyperparams`` inside ``apply_if_finite`` raises
+            ``TypeError`` (put the wrapper after sam instead).
         loss_fn: ``loss_fn(params, chunk)`` returns the chunk's **mean** loss, or
             ``(loss, aux)`` with ``has_aux=True``; it sees one chunk (leaves of shape
             ``(m, ...)``) and is differentiated with respect to ``params``.
@@ -188,6 +197,9 @@ def m_sharpness_update(
             masks: both evaluate one sampled objective), each chunk its own. ``None``
             (default): ``loss_fn(params, chunk)``.
         **extra_args: passed on to ``tx.update`` (for transformations later in the chain).
+            ``value=`` reaches the chain (e.g. ``optax.contrib.reduce_on_plateau``); by
+            default the chain gets the clean loss :math:`\frac1k \sum_c L_c(w)`. The
+            state of sam records the m-sharpness figures either way.
 
     Returns:
         ``(updates, new_opt_state, loss, aux)``: the chain's updates for :math:`G`, its new
@@ -197,7 +209,8 @@ def m_sharpness_update(
     Raises:
         ValueError: ``m`` does not divide the batch size (naming B, m and the divisors of
             B); ``impl`` or ``chunk_size`` invalid.
-        TypeError: ``tx`` has no :func:`sam_jax.sam` state, or a variant's.
+        TypeError: ``tx`` has no :func:`sam_jax.sam` state, or a variant's; ``grad_fn=`` in
+            ``extra_args``; an injected hyperparameter inside a wrapper's ``lax.cond``.
     """
     if impl not in ("auto", "scan", "vmap"):
         raise ValueError(f"impl must be 'auto', 'scan' or 'vmap', got {impl!r}")
@@ -212,6 +225,12 @@ def m_sharpness_update(
             f"{type(key).__name__}"
         )
     _check_state(opt_state)
+    if "grad_fn" in extra_args:
+        raise TypeError(
+            "m_sharpness_update builds grad_fn itself (from loss_fn, for every chunk); do "
+            "not pass grad_fn="
+        )
+    value = extra_args.pop("value", None)
     k, m = _chunks(batch, m)
     if impl == "auto":
         impl = _AUTO_IMPL.get(jax.default_backend(), "vmap")
@@ -234,23 +253,24 @@ def m_sharpness_update(
         keys = jnp.reshape(keys, (k // group, group, *keys.shape[1:]))
     key_args = lambda key_c: () if key_c is None else (key_c,)  # noqa: E731
 
+    # The chain's own sam (or samon) perturbs each chunk: found once, by a probe call that
+    # stops at it (nothing of the chain runs), with the hyperparameters of this step.
+    found = _perturbation_rule(tx, opt_state, params, value, extra_args)
+    selected = found.selected
+
     def chunk_fn(chunk: Any, key_c: Any) -> tuple[Any, ...]:
         out, grads = value_and_grad(params, chunk, *key_args(key_c))
         loss, aux = out if has_aux else (out, None)
-        captured: list[Any] = []
-
-        def grad_fn(perturbed: Any) -> tuple[jax.Array, Any]:
-            p_out, p_grads = value_and_grad(perturbed, chunk, *key_args(key_c))  # same key
-            p_loss = p_out[0] if has_aux else p_out
-            captured.append((p_loss, p_grads))
-            return p_loss, p_grads
-
-        # The chain's own sam computes this chunk's perturbation and calls grad_fn at
-        # w + e_c; of this call only grad_fn's result and the norm are used (under jit the
-        # rest of the chain's work here is dead code and removed).
-        _, state_c = tx.update(grads, opt_state, params, grad_fn=grad_fn, **extra_args)
-        (p_loss, p_grads), = captured
-        return loss, aux, p_loss, p_grads, _sam_state(state_c).grad_norm
+        own = restrict(selected, params)
+        moved, norm = found.perturb(
+            jax.tree.leaves(own), jax.tree.leaves(restrict(selected, grads))
+        )
+        point = pick(selected, jax.tree.unflatten(jax.tree.structure(own), moved), params)
+        p_out, p_grads = value_and_grad(point, chunk, *key_args(key_c))  # same key
+        p_loss = p_out[0] if has_aux else p_out
+        # sam's leaves take the gradient at w + e_c; leaves outside its mask (optax.partition's
+        # other groups) the clean gradient, as batch SAM gives them.
+        return loss, aux, p_loss, pick(selected, p_grads, grads), norm
 
     def group_fn(chunks: Any, group_keys: Any) -> tuple[Any, ...]:
         if group == 1:
@@ -282,17 +302,12 @@ def m_sharpness_update(
     loss = jnp.mean(losses)
     perturbed_loss = jnp.mean(p_losses)
     grad_norm = jnp.mean(norms)
-    # The step itself: the rest of the chain sees G once. sam's own perturbation of G is
-    # unused (grad_fn ignores it; dead code under jit); its state gets the m-sharpness
-    # figures.
+    # The step itself: the chain sees G once, as the gradient (MultiSteps accumulates it,
+    # apply_if_finite checks it, a mask splits it); sam passes it on and records the figures.
+    step = MSharpnessStep(value=loss, perturbed_value=perturbed_loss, grad_norm=grad_norm)
     updates, new_state = tx.update(
-        gradient, opt_state, params, grad_fn=lambda _: (perturbed_loss, gradient), value=loss,
+        gradient, opt_state, params, grad_fn=step, value=loss if value is None else value,
         **extra_args,
-    )
-    new_state = jax.tree.map(
-        lambda s: s._replace(grad_norm=grad_norm.astype(s.grad_norm.dtype)) if _is_sam(s) else s,
-        new_state,
-        is_leaf=_is_sam,
     )
     return updates, new_state, loss, aux
 
@@ -358,5 +373,78 @@ def _check_state(opt_state: Any) -> None:
         )
 
 
-def _sam_state(state: Any) -> Any:
-    return next(s for s in jax.tree.leaves(state, is_leaf=_is_state) if _is_sam(s))
+#: Optax wrappers that run their inner chain inside a ``lax.cond`` (or ``eval_shape``): a
+#: hyperparameter computed there (a rho scheduled with ``optax.inject_hyperparams``) cannot be
+#: used outside it, to perturb the chunks.
+_COND_WRAPPERS = {
+    optax.ApplyIfFiniteState: "optax.apply_if_finite",
+    optax.MultiStepsState: "optax.MultiSteps",
+    optax.ConditionallyMaskState: "optax.conditionally_mask",
+    optax.ConditionallyTransformState: "optax.conditionally_transform",
+}
+
+
+def _perturbation_rule(
+    tx: Any, opt_state: Any, params: Any, value: Any, extra_args: dict[str, Any]
+) -> PerturbationFound:
+    """The perturbation of the chain's sam/samon at this step, found by a probe call.
+
+    ``optax.MultiSteps`` around the chain is looked through (its public ``inner_opt``): the
+    inner state holds the step's hyperparameters, and its ``lax.cond`` would trace them
+    where they cannot be used."""
+    while True:
+        multi = tx if isinstance(tx, optax.MultiSteps) else getattr(tx.update, "__self__", None)
+        if not isinstance(multi, optax.MultiSteps):
+            break
+        if not isinstance(opt_state, optax.MultiStepsState):
+            break
+        tx, opt_state = multi.inner_opt, opt_state.inner_opt_state
+    placeholder = jnp.zeros((), jnp.float32) if value is None else value
+    try:
+        tx.update(
+            jax.tree.map(jnp.zeros_like, params), opt_state, params,
+            grad_fn=PerturbationProbe(), value=placeholder, **extra_args,
+        )
+    except PerturbationFound as found:
+        traced = [h for h in found.hyperparams if isinstance(h, jax.core.Tracer)]
+        around = _cond_wrappers_around_sam(opt_state)
+        if traced and around:
+            raise TypeError(
+                "m_sharpness_update cannot perturb the chunks with the sam_jax "
+                "transformation's hyperparameters: they are traced at this step (rho injected "
+                "with optax.inject_hyperparams, scheduled or not) inside "
+                f"{' and '.join(around)}, "
+                "which runs the chain in a jax.lax.cond. Put the wrapper after sam: "
+                "optax.chain(optax.inject_hyperparams(sam_jax.sam)(rho=schedule), "
+                "optax.apply_if_finite(base, n)) (it then checks the m-sharpness gradient), "
+                "wrap the chain in optax.MultiSteps only at the top, or give sam_jax.sam a "
+                "constant rho (not injected)."
+            ) from None
+        return found.with_traceback(None)  # keep no frames (and their tracers) alive
+    raise TypeError(
+        "m_sharpness_update did not reach the sam_jax.sam / sam_jax.samon of tx when calling "
+        "tx.update (a wrapper that does not call its inner transformation?); build tx as "
+        "optax.chain(sam_jax.sam(rho), ...), optionally inside optax.MultiSteps, "
+        "optax.apply_if_finite, optax.masked or optax.partition"
+    )
+
+
+def _cond_wrappers_around_sam(state: Any) -> list[str]:
+    """The wrappers of :data:`_COND_WRAPPERS` on the way from ``state``'s root to sam's."""
+    paths = [p for p, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_sam)[0]
+             if _is_sam(leaf)]
+    if not paths:
+        return []
+    around, node = [], state
+    for key in paths[0]:
+        if type(node) in _COND_WRAPPERS:
+            around.append(_COND_WRAPPERS[type(node)])
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            node = getattr(node, key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            node = node[key.idx]
+        elif isinstance(key, jax.tree_util.DictKey):
+            node = node[key.key]
+        else:
+            break
+    return around

@@ -17,6 +17,7 @@ import optax
 
 import sam_core
 
+from ._grad_fn import MSharpnessStep, PerturbationProbe, call_grad_fn, has_masked_nodes
 from ._ops import JaxOps, accumulation_dtype
 
 __all__ = ["SAMState", "sam"]
@@ -158,7 +159,10 @@ def sam(
           ``(loss, grads)`` / ``((loss, aux), grads)`` as ``jax.value_and_grad`` does (the
           loss is then recorded in :class:`SAMState` and ``aux`` is discarded; Flax
           ``batch_stats`` updated by the perturbed pass should be discarded too). The
-          returned gradient must have the structure, shapes and dtypes of ``updates``;
+          returned gradient must have the structure, shapes and dtypes of ``updates``.
+          Inside ``optax.masked`` / ``optax.partition`` (which hand ``sam`` only its own
+          leaves) pass ``sam_jax.with_full_params(grad_fn, params)``: ``sam`` then perturbs
+          its leaves only (the norm over them) and keeps their gradient;
         * ``value``: optionally the clean loss :math:`L(w)`, recorded in the state.
 
     Raises:
@@ -166,7 +170,8 @@ def sam(
             messages as ``sam_torch.SAM``); ``m_sharpness`` without ``axis_name``.
         TypeError: ``adaptive`` or ``m_sharpness`` not a bool, ``axis_name`` not a string;
             at ``init``/``update``: parameters that are not floating point (integer, bool or
-            complex), or a ``grad_fn`` gradient of another dtype than ``updates``.
+            complex), a ``grad_fn`` gradient of another dtype than ``updates``, or a plain
+            ``grad_fn`` inside ``optax.masked`` / ``optax.partition``.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
     sam_core.check_bool("m_sharpness", m_sharpness)
@@ -237,32 +242,28 @@ def sam(
         _check_floating(p_leaves)
         dtype = _state_dtype(p_leaves)
 
-        if axis_name is not None and not m_sharpness:
-            g_leaves = jax.lax.pmean(g_leaves, axis_name=axis_name)
-        perturbed, grad_norm = sam_core.perturbed_params(
-            ops, p_leaves, g_leaves, rho=rho, adaptive=adaptive, eta=eta, eps=eps
-        )
-        perturbed_value, new_grads = _split_grad_fn_output(
-            grad_fn(jax.tree.unflatten(p_treedef, perturbed)), p_treedef
-        )
-        new_leaves = jax.tree.leaves(new_grads)
-        for i, (new, old) in enumerate(zip(new_leaves, g_leaves, strict=True)):
-            if jnp.shape(new) != jnp.shape(old):
-                raise ValueError(
-                    f"grad_fn returned a gradient leaf {i} of shape {jnp.shape(new)} where "
-                    f"the parameter has shape {jnp.shape(old)}; return the gradient with "
-                    "respect to the params argument."
-                )
-        for i, (new, old) in enumerate(zip(new_leaves, g_leaves, strict=True)):
-            new_dtype, old_dtype = jnp.asarray(new).dtype, jnp.asarray(old).dtype
-            if new_dtype != old_dtype:
-                raise TypeError(
-                    f"grad_fn returned a gradient leaf {i} of dtype {new_dtype} where the "
-                    f"clean gradient has dtype {old_dtype}; the gradient at the perturbed "
-                    "point must have the dtype of the clean one. Differentiate the same loss "
-                    "with respect to the params argument (jax.grad casts nothing), or cast in "
-                    "grad_fn: jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)."
-                )
+        def perturb(p_leaves: list[Any], g_leaves: list[Any]) -> tuple[list[Any], Any]:
+            if axis_name is not None and not m_sharpness:
+                g_leaves = jax.lax.pmean(g_leaves, axis_name=axis_name)
+            return sam_core.perturbed_params(
+                ops, p_leaves, g_leaves, rho=rho, adaptive=adaptive, eta=eta, eps=eps
+            )
+
+        if isinstance(grad_fn, PerturbationProbe):  # m_sharpness_update asks for the rule
+            grad_fn.found(perturb, params, updates, (rho, eta, eps))
+        if isinstance(grad_fn, MSharpnessStep):  # updates is m-sharpness' G already
+            new_leaves, grad_norm = g_leaves, grad_fn.grad_norm
+            value, perturbed_value = grad_fn.value, grad_fn.perturbed_value
+        elif not p_leaves and has_masked_nodes(params):  # a mask selecting no leaf
+            perturbed_value, new_leaves, grad_norm = None, g_leaves, jnp.zeros((), dtype)
+        else:
+            perturbed, grad_norm = perturb(p_leaves, g_leaves)
+            point = jax.tree.unflatten(p_treedef, perturbed)
+            perturbed_value, new_grads = _split_grad_fn_output(
+                call_grad_fn("sam_jax.sam", grad_fn, point), p_treedef
+            )
+            new_leaves = jax.tree.leaves(new_grads)
+            _check_like(new_leaves, g_leaves)
         if axis_name is not None:
             new_leaves = jax.lax.pmean(new_leaves, axis_name=axis_name)
 
@@ -287,6 +288,27 @@ def sam(
         return jax.tree.unflatten(p_treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_like(new_leaves: list[Any], g_leaves: list[Any]) -> None:
+    """grad_fn's gradient must have the clean gradient's shapes and dtypes, leaf by leaf."""
+    for i, (new, old) in enumerate(zip(new_leaves, g_leaves, strict=True)):
+        if jnp.shape(new) != jnp.shape(old):
+            raise ValueError(
+                f"grad_fn returned a gradient leaf {i} of shape {jnp.shape(new)} where "
+                f"the parameter has shape {jnp.shape(old)}; return the gradient with "
+                "respect to the params argument."
+            )
+    for i, (new, old) in enumerate(zip(new_leaves, g_leaves, strict=True)):
+        new_dtype, old_dtype = jnp.asarray(new).dtype, jnp.asarray(old).dtype
+        if new_dtype != old_dtype:
+            raise TypeError(
+                f"grad_fn returned a gradient leaf {i} of dtype {new_dtype} where the "
+                f"clean gradient has dtype {old_dtype}; the gradient at the perturbed "
+                "point must have the dtype of the clean one. Differentiate the same loss "
+                "with respect to the params argument (jax.grad casts nothing), or cast in "
+                "grad_fn: jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)."
+            )
 
 
 def _check_floating(leaves: list[Any]) -> None:

@@ -35,6 +35,7 @@ import optax
 
 import sam_core
 
+from ._grad_fn import MSharpnessStep, PerturbationProbe, call_grad_fn
 from ._ops import JaxOps
 from ._sam import _scalar, _split_grad_fn_output, _state_dtype
 
@@ -217,7 +218,10 @@ def _evaluate(
     grad_fn: GradFn, treedef: Any, point: Sequence[Any], like: Sequence[Any], dtype: Any
 ) -> tuple[list[Any], jax.Array]:
     """``grad_fn`` at ``point``: gradient leaves cast to ``like``'s dtypes, and the loss/NaN."""
-    value, grads = _split_grad_fn_output(grad_fn(jax.tree.unflatten(treedef, list(point))), treedef)
+    point_tree = jax.tree.unflatten(treedef, list(point))
+    value, grads = _split_grad_fn_output(
+        call_grad_fn("the sam_jax transformation", grad_fn, point_tree), treedef
+    )
     leaves = [
         jnp.asarray(x).astype(jnp.asarray(y).dtype)
         for x, y in zip(jax.tree.leaves(grads), like, strict=True)
@@ -641,19 +645,30 @@ def samon(
                 "matches your normalization layers' names"
             )
         dtype = _state_dtype(p)
-        moved, norm = sam_core.perturbed_params(
-            _OPS,
-            [p[i] for i in chosen],
-            [g[i] for i in chosen],
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            eps=eps,
-        )
-        point = list(p)
-        for i, x in zip(chosen, moved, strict=True):
-            point[i] = x
-        g_s, p_value = _evaluate(grad_fn, treedef, point, g, dtype)
+
+        def perturb(p: list[Any], g: list[Any]) -> tuple[list[Any], Any]:
+            moved, norm = sam_core.perturbed_params(
+                _OPS,
+                [p[i] for i in chosen],
+                [g[i] for i in chosen],
+                rho=rho,
+                adaptive=adaptive,
+                eta=eta,
+                eps=eps,
+            )
+            point = list(p)
+            for i, x in zip(chosen, moved, strict=True):
+                point[i] = x
+            return point, norm
+
+        if isinstance(grad_fn, PerturbationProbe):  # m_sharpness_update asks for the rule
+            grad_fn.found(perturb, params, updates, (rho, eta, eps))
+        if isinstance(grad_fn, MSharpnessStep):  # updates is m-sharpness' G already
+            g_s, norm, value = g, grad_fn.grad_norm, grad_fn.value
+            p_value = _scalar("loss", grad_fn.perturbed_value).astype(dtype)
+        else:
+            point, norm = perturb(p, g)
+            g_s, p_value = _evaluate(grad_fn, treedef, point, g, dtype)
         new_state = SAMONState(**_step_fields(state, norm, p_value, value, dtype))
         return jax.tree.unflatten(treedef, g_s), new_state
 
