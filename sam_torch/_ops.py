@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["TorchOps", "accumulation_dtype"]
+__all__ = ["TorchOps", "accumulation_dtype", "copy_is_non_blocking"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -35,6 +35,17 @@ SMALL_NUMEL = 1 << 14
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype reductions and scalars use for parameters of ``dtype`` (float32 for half)."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def copy_is_non_blocking(source: torch.device, target: torch.device) -> bool:
+    """Whether a copy of a tensor from ``source`` to ``target`` may be asynchronous.
+
+    Only host to accelerator: such a copy is ordered on the target's stream before any
+    kernel that reads it. A copy to the CPU is read by the host (``float()``, ``bool()``),
+    and an asynchronous one may not have landed when it is read, so it blocks; so does a
+    copy between two accelerators.
+    """
+    return source.type == "cpu" and target.type != "cpu"
 
 
 class TorchOps:
@@ -232,7 +243,7 @@ class TorchOps:
         if not isinstance(s, Tensor):
             return torch.tensor(s, device=self.device, dtype=self.acc_dtype)
         if s.device != self.device:
-            s = s.to(self.device, non_blocking=True)
+            s = s.to(self.device, non_blocking=copy_is_non_blocking(s.device, self.device))
         return s
 
 
