@@ -102,7 +102,8 @@ class SAM(Optimizer):
         perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
             kernel per tensor into a preallocated buffer; on CPU ASAM's direction is built
             a cache block at a time) or ``"auto"``: per-tensor on CPU, foreach elsewhere.
-            Both give the same numbers. ``"compiled"``: the same
+            Both give the same numbers, bit for bit in every dtype (in float16/bfloat16
+            both compute :math:`w + e` in float32 and round it once). ``"compiled"``: the same
             sam_core formulas fused by ``torch.compile`` into one reduction and one
             element-wise kernel per tensor for ASAM groups (its five passes over memory
             become two; SAM groups, which have nothing to fuse, keep the eager kernels). The
