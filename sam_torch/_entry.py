@@ -63,12 +63,19 @@ def _checked(result: Any, hook: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
-def open_step(sam: Any, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None
-              ) -> tuple[bool, tuple[Any, ...], dict[str, Any]]:
+def open_step(
+    sam: Any,
+    args: tuple[Any, ...] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    opener: str = "step",
+) -> tuple[bool, tuple[Any, ...], dict[str, Any]]:
     """Start a SAM step: fire the pre hooks unless one is running or already started.
 
     Returns ``(opened, args, kwargs)``: whether this call started it, and the arguments
-    as the pre hooks left them.
+    as the pre hooks left them. ``opener``: ``"first_step"`` for a step of the two-step
+    API, which a later ``restore()`` cancels; ``"step"`` for a step that ends only with
+    :func:`close_step` (its own calls of ``first_step()`` and ``restore()``, as in
+    ``SAMTrainer``'s m-sharpness loop, are its parts).
     """
     args = (sam,) if args is None else args
     kwargs = {} if kwargs is None else kwargs
@@ -80,7 +87,7 @@ def open_step(sam: Any, args: tuple[Any, ...] | None = None, kwargs: dict[str, A
         result = hook(sam, args, kwargs)
         if result is not None:
             args, kwargs = _checked(result, hook)
-    sam._step_open = True
+    sam._step_open = opener
     return True, args, kwargs
 
 
@@ -89,7 +96,7 @@ def close_step(sam: Any, completed: bool, args: tuple[Any, ...] | None = None,
     """End the started SAM step; fire the post hooks if it ``completed`` (no-op when nested)."""
     if sam._entry_depth or not sam._step_open:
         return
-    sam._step_open = False
+    sam._step_open = None
     if not completed:
         return
     args = (sam,) if args is None else args
@@ -138,7 +145,7 @@ def entry_point(
             if kind in _OPENS:
                 if kind == "step" and sam_of is None:
                     hook_args, hook_kwargs = args, kwargs
-                opened, hook_args, hook_kwargs = open_step(sam, hook_args, hook_kwargs)
+                opened, hook_args, hook_kwargs = open_step(sam, hook_args, hook_kwargs, kind)
                 if kind == "step" and sam_of is None:  # a pre hook may replace step()'s arguments
                     args, kwargs = hook_args, hook_kwargs
             try:
@@ -156,7 +163,7 @@ def entry_point(
                 raise
             if kind in _ENDS:
                 close_step(sam, completed=True, args=hook_args, kwargs=hook_kwargs)
-            elif kind == "restore":
+            elif kind == "restore" and sam._step_open == "first_step":
                 close_step(sam, completed=False)
             return out
 

@@ -244,10 +244,10 @@ class SAM(Optimizer):
         self._compiled: Any = None  # CompiledPerturbation once built, False if it failed
         self._storage_choice = storage
         self._building = True
-        # Step hooks (sam_torch._entry): the depth of nested entry-point calls, and whether
-        # a step's pre hooks fired and its post hooks are still due.
+        # Step hooks (sam_torch._entry): the depth of nested entry-point calls, and what
+        # started the step whose pre hooks fired and whose post hooks are still due.
         self._entry_depth = 0
-        self._step_open = False
+        self._step_open: str | None = None
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, sam_eps=sam_eps, **base_kwargs)
         super().__init__(params, defaults)
         try:

@@ -41,6 +41,7 @@ from transformers import Trainer, TrainerCallback
 import sam_core
 import sam_torch
 from sam_torch import SAM, disable_running_stats
+from sam_torch._entry import close_step, open_step
 from sam_torch._msharpness import (
     _UNSUPPORTED,
     _add,
@@ -453,6 +454,7 @@ class SAMTrainer(Trainer):
             model.train()
             self._m_step = _MStep(model)
             self._adapter().m_step = None
+            open_step(sam)  # one SAM step (its hooks) over the chunks' first_step/restore
         step = self._m_step
         if step is None:  # pragma: no cover - first is always seen before the others
             raise RuntimeError("SAMTrainer(m_sharpness=...): a micro-batch outside a step")
@@ -507,6 +509,7 @@ class SAMTrainer(Trainer):
             for p in params:
                 p.grad = sums.get(p)
             self._m_step = None
+            close_step(sam, completed=False)
             raise
         stats.commit()
         assert clean_sum is not None and perturbed_sum is not None
@@ -630,6 +633,7 @@ class _SAMStep(torch.optim.Optimizer):
         if self.m_step is not None:
             m_step, self.m_step = self.m_step, None
             m_step.finish(self.sam)
+            close_step(self.sam, completed=True)
             return None
         if self.sam.is_perturbed:
             self.sam.second_step()
