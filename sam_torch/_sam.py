@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 import sam_core
 
@@ -175,6 +176,13 @@ class SAM(Optimizer):
     :meth:`restore` puts :math:`w` back exactly, ``step(closure)`` does so if the closure
     raises, and :meth:`state_dict` refuses to run so perturbed weights are never saved as
     if they were the model.
+
+    Step hooks (SAM's own and ``torch.optim``'s global ones) fire once per SAM step in
+    both APIs: the pre hooks on entry to ``step(closure)`` or ``first_step()``, the post
+    hooks on return from ``step(closure)`` or ``second_step()`` (see
+    :meth:`register_step_pre_hook`). Under ``torch.compile`` ``step``, ``first_step``,
+    ``second_step`` and ``restore`` are graph breaks by design: they run eagerly, with
+    eager's numbers, wherever a compiled function calls them (``docs/errors.md``).
     """
 
     def __init__(
@@ -351,7 +359,7 @@ class SAM(Optimizer):
         # fires them itself, once per SAM step in both APIs (see register_step_pre_hook).
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
 
-    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
         """Register ``hook(optimizer, args, kwargs)``, called once at the start of every SAM step.
 
         As ``torch.optim.Optimizer.register_step_pre_hook``, with a SAM step's start being
@@ -366,7 +374,7 @@ class SAM(Optimizer):
         """
         return super().register_step_pre_hook(hook)
 
-    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
         """Register ``hook(optimizer, args, kwargs)``, called once at the end of every SAM step.
 
         The end of ``step(closure)``, or of ``second_step()`` in the two-step API, after the

@@ -139,6 +139,12 @@ def _two_step_train_step(model, opt, batch):
     opt.second_step(zero_grad=True)
 
 
+def _perturbed_block_train_step(model, opt, batch):
+    _loss(model, batch).backward()
+    with opt.perturbed():
+        _loss(model, batch).backward()
+
+
 def _closure_train_step(model, opt, batch):
     def closure():
         loss = _loss(model, batch)
@@ -151,7 +157,7 @@ def _closure_train_step(model, opt, batch):
 _TRAIN_STEP_CASES = [
     (backend, train_step, name)
     for backend in ("eager", "aot_eager")
-    for train_step in (_two_step_train_step, _closure_train_step)
+    for train_step in (_two_step_train_step, _perturbed_block_train_step, _closure_train_step)
     for name in ("SAM", "ASAM", "GSAM")
 ] + [  # inductor compiles the model: slow on CPU, one optimizer is enough
     pytest.param("inductor", train_step, "ASAM", marks=pytest.mark.slow)
