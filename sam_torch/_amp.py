@@ -22,10 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._entry import entry_point
 from ._rng import RNGReplay
 from ._sam import SAM, _all_finite
 
 __all__ = ["ScaledSAM"]
+
+
+def _sam_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0].optimizer
 
 
 class ScaledSAM:
@@ -115,6 +120,7 @@ class ScaledSAM:
             self._unscaled = False
             self.scaler.update()
 
+    @entry_point("first_step", sam_of=_sam_of)
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Unscale the clean gradient, update the scaler and perturb (unless it is not finite).
 
@@ -133,6 +139,7 @@ class ScaledSAM:
         finally:
             self._end_pass()
 
+    @entry_point("second_step", sam_of=_sam_of)
     def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Unscale the perturbed gradient, restore :math:`w`, step unless it is not finite.
 
@@ -157,6 +164,7 @@ class ScaledSAM:
         finally:
             self._end_pass()
 
+    @entry_point("step", sam_of=_sam_of)
     def step(self, closure: Callable[[], Any]) -> Any:
         """One SAM step with the closure called at :math:`w` and at :math:`w + e`.
 

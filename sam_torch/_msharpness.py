@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import sam_core
 
 from ._bn import disable_running_stats
+from ._entry import base_step, entry_point
 from ._ops import TorchOps
 from ._rng import RNGReplay
 from ._sam import SAM, _finite_flag
@@ -62,6 +63,7 @@ _UNSUPPORTED = {
 }
 
 
+@entry_point("step", sam_of=lambda args, kwargs: args[0] if args else kwargs.get("optimizer"))
 def m_sharpness_step(
     optimizer: SAM,
     model: nn.Module,
@@ -390,7 +392,7 @@ def _finish(
     """
     if not skip:
         with torch.no_grad():
-            optimizer.base_optimizer.step()
+            base_step(optimizer.base_optimizer)
     optimizer.grad_norm = grad_norm
     optimizer.loss = clean_loss.detach()
     optimizer.perturbed_loss = perturbed_loss.detach()

@@ -4,6 +4,13 @@ Two implementations of the same operations, chosen per device like ``torch.optim
 
 * ``foreach=True``: multi-tensor ``torch._foreach_*`` kernels, a handful of launches per
   operation whatever the number of tensors. The default on CUDA and other accelerators.
+  For float16/bfloat16 tensors the products with a scalar (``add_scaled``, ``scale``: the
+  perturbation ``w + s * d`` and the variants' combinations) use the per-tensor fused
+  kernels instead: the scalar is float32, and ``_foreach_mul(ys, s)`` rounds ``s * y`` to
+  half precision before ``_foreach_add_`` rounds the sum again (some elements then differ
+  by one ulp), while ``addcmul`` computes ``x + s * y`` in float32 and rounds once. No
+  multi-tensor formulation rounds once without float32 copies of the tensors; this way
+  both paths give the same numbers, bit for bit, in every dtype.
 * ``foreach=False``: one fused kernel per tensor writing straight into the preallocated
   output (``torch.addcmul(..., out=)``), which makes one pass over memory where the
   ``_foreach_*`` formulation needs three (copy, scale, add). On CPU the ``_foreach_*`` ops
@@ -20,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["TorchOps", "accumulation_dtype"]
+__all__ = ["TorchOps", "accumulation_dtype", "copy_is_non_blocking"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -37,6 +44,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def copy_is_non_blocking(source: torch.device, target: torch.device) -> bool:
+    """Whether a copy of a tensor from ``source`` to ``target`` may be asynchronous.
+
+    Only host to accelerator: such a copy is ordered on the target's stream before any
+    kernel that reads it. A copy to the CPU is read by the host (``float()``, ``bool()``),
+    and an asynchronous one may not have landed when it is read, so it blocks; so does a
+    copy between two accelerators.
+    """
+    return source.type == "cpu" and target.type != "cpu"
+
+
 class TorchOps:
     """List-of-tensors operations for one homogeneous (device, dtype) list of parameters."""
 
@@ -50,6 +68,11 @@ class TorchOps:
         #: Whether a scalar may be read on the host (free on CPU, a pipeline stall elsewhere).
         self.host_reads = device.type == "cpu" if host_reads is None else host_reads
         self._constants: dict[float, Tensor] = {}
+        #: float16/bfloat16: products with a scalar go through the per-tensor kernels, which
+        #: compute ``x + s * y`` (and ``s * x``) in float32 and round once; the multi-tensor
+        #: kernels round ``s * y`` to the parameters' dtype before the sum (see the module
+        #: docstring), and foreach and per-tensor must give the same numbers.
+        self._rounds_once = self.acc_dtype != dtype
         #: ``(t + c)^2`` as one CPU kernel (float32/float64: the rounding of two passes).
         self._fused_square = (
             _MSE_LOSS is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64)
@@ -148,7 +171,7 @@ class TorchOps:
         out: Sequence[Tensor] | None = None,
     ) -> list[Tensor]:
         scale = self._scalar(scale)
-        if self.foreach:
+        if self.foreach and not self._rounds_once:
             if out is None:
                 res = list(torch._foreach_mul(list(ys), scale))
             elif _same(out, xs):  # in place, x += scale * y: y must not overwrite x first
@@ -195,7 +218,7 @@ class TorchOps:
 
     def scale(self, xs: Sequence[Tensor], s: Tensor, out: Sequence[Tensor] | None = None) -> list[Tensor]:
         s = self._scalar(s)
-        if self.foreach:
+        if self.foreach and not self._rounds_once:
             if out is None:
                 return list(torch._foreach_mul(list(xs), s))
             res = list(out)
@@ -232,7 +255,7 @@ class TorchOps:
         if not isinstance(s, Tensor):
             return torch.tensor(s, device=self.device, dtype=self.acc_dtype)
         if s.device != self.device:
-            s = s.to(self.device, non_blocking=True)
+            s = s.to(self.device, non_blocking=copy_is_non_blocking(s.device, self.device))
         return s
 
 

@@ -12,11 +12,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 import sam_core
 
 from ._bn import disable_running_stats
-from ._ops import SMALL_NUMEL, TorchOps
+from ._entry import base_step, entry_point
+from ._ops import SMALL_NUMEL, TorchOps, copy_is_non_blocking
 from ._rng import RNGReplay
 
 __all__ = ["SAM"]
@@ -104,7 +106,8 @@ class SAM(Optimizer):
         perturb_impl: ``"foreach"`` (multi-tensor kernels), ``"per_tensor"`` (one fused
             kernel per tensor into a preallocated buffer; on CPU ASAM's direction is built
             a cache block at a time) or ``"auto"``: per-tensor on CPU, foreach elsewhere.
-            Both give the same numbers. ``"compiled"``: the same
+            Both give the same numbers, bit for bit in every dtype (in float16/bfloat16
+            both compute :math:`w + e` in float32 and round it once). ``"compiled"``: the same
             sam_core formulas fused by ``torch.compile`` into one reduction and one
             element-wise kernel per tensor for ASAM groups (its five passes over memory
             become two; SAM groups, which have nothing to fuse, keep the eager kernels). The
@@ -187,6 +190,13 @@ class SAM(Optimizer):
     :meth:`restore` puts :math:`w` back exactly, ``step(closure)`` does so if the closure
     raises, and :meth:`state_dict` refuses to run so perturbed weights are never saved as
     if they were the model.
+
+    Step hooks (SAM's own and ``torch.optim``'s global ones) fire once per SAM step in
+    both APIs: the pre hooks on entry to ``step(closure)`` or ``first_step()``, the post
+    hooks on return from ``step(closure)`` or ``second_step()`` (see
+    :meth:`register_step_pre_hook`). Under ``torch.compile`` ``step``, ``first_step``,
+    ``second_step`` and ``restore`` are graph breaks by design: they run eagerly, with
+    eager's numbers, wherever a compiled function calls them (``docs/errors.md``).
     """
 
     def __init__(
@@ -259,6 +269,10 @@ class SAM(Optimizer):
         self._compiled: Any = None  # CompiledPerturbation once built, False if it failed
         self._storage_choice = storage
         self._building = True
+        # Step hooks (sam_torch._entry): the depth of nested entry-point calls, and what
+        # started the step whose pre hooks fired and whose post hooks are still due.
+        self._entry_depth = 0
+        self._step_open: str | None = None
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, sam_eps=sam_eps, **base_kwargs)
         super().__init__(params, defaults)
         try:
@@ -351,7 +365,48 @@ class SAM(Optimizer):
         else:  # after construction the list is shared: let the base optimizer append it
             self.base_optimizer.add_param_group(param_group)
 
+    # -- step hooks -------------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass's own step / first_step / second_step / restore is the entry point its
+        # users call: it fires the hooks and runs eagerly, its super() calls are its parts.
+        super().__init_subclass__(**kwargs)
+        for name in ("step", "first_step", "second_step", "restore"):
+            if name in cls.__dict__:
+                setattr(cls, name, entry_point(name)(cls.__dict__[name]))
+
+    def _patch_step_function(self) -> None:
+        # torch.optim wraps type(self).step to fire the step hooks around each call; SAM
+        # fires them itself, once per SAM step in both APIs (see register_step_pre_hook).
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """Register ``hook(optimizer, args, kwargs)``, called once at the start of every SAM step.
+
+        As ``torch.optim.Optimizer.register_step_pre_hook``, with a SAM step's start being
+        the entry to ``step(closure)`` (``args``/``kwargs``: that call's, which the hook may
+        replace by returning ``(new_args, new_kwargs)``) or, in the two-step API, the entry
+        to ``first_step()`` (``args == (optimizer,)``, ``kwargs == {}``; a return value is
+        not used), before anything of the step runs. Global hooks
+        (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire at the same
+        point, once, with SAM as the optimizer; the base optimizer's step inside fires
+        only the hooks registered on ``base_optimizer`` itself. Returns a handle whose
+        ``remove()`` unregisters the hook.
+        """
+        return super().register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """Register ``hook(optimizer, args, kwargs)``, called once at the end of every SAM step.
+
+        The end of ``step(closure)``, or of ``second_step()`` in the two-step API, after the
+        base step and everything else of the step ran; a skipped step (non-finite
+        gradient) ends too. A step that raises, or that ``restore()`` cancels, fires no
+        post hook. Global post hooks fire at the same point, once, with SAM as the
+        optimizer. Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        return super().register_step_post_hook(hook)
+
     # -- the two SAM passes -----------------------------------------------------------
+    @entry_point("first_step")
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         r"""Perturb every parameter with a gradient from :math:`w` to :math:`w + e(w)`.
@@ -454,6 +509,7 @@ class SAM(Optimizer):
                 perturbed = sam_core.apply_perturbation(ops, params, d, scale, out=out)
             self._install(params, perturbed)
 
+    @entry_point("second_step")
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Restore :math:`w` exactly and apply the base optimizer with the current gradient.
@@ -514,7 +570,7 @@ class SAM(Optimizer):
                     flag = loss_finite if flag is None else flag & loss_finite.to(flag.device)
                 skip = flag is not None and not bool(flag)
         if not skip:
-            self.base_optimizer.step()
+            base_step(self.base_optimizer)
         if zero_grad:
             self.zero_grad()
         self._finish_step(skip)
@@ -549,6 +605,7 @@ class SAM(Optimizer):
                 stacklevel=3,
             )
 
+    @entry_point("restore")
     @torch.no_grad()
     def restore(self) -> None:
         """Put every perturbed parameter back at :math:`w`, bit for bit; no-op if not perturbed.
@@ -652,6 +709,7 @@ class SAM(Optimizer):
             return None
         return self.perturbed_loss - self.loss
 
+    @entry_point("step")
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One SAM step through the ``torch.optim`` closure contract; returns the clean loss.
 
@@ -996,7 +1054,9 @@ def _finite_flag(tensors: Sequence[Tensor], fast: bool = False) -> Tensor | None
     if not flags:
         return None
     device = flags[0].device
-    return torch.stack([f.to(device, non_blocking=True) for f in flags]).all()
+    return torch.stack(
+        [f.to(device, non_blocking=copy_is_non_blocking(f.device, device)) for f in flags]
+    ).all()
 
 
 def _detached(x: Any) -> Any:

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 import sam_core
 
+from ._entry import base_step
 from ._ops import TorchOps
 from ._sam import SAM, _by_device_and_dtype
 
@@ -85,7 +86,7 @@ class _VariantSAM(SAM):
         """
         skip = bool(getattr(self, "skip_nonfinite", False)) and not self._grads_all_finite()
         if not skip:
-            self.base_optimizer.step()
+            base_step(self.base_optimizer)
         self.loss = _detached(loss)
         self.perturbed_loss = None
         self._finish_step(skip)

@@ -41,6 +41,7 @@ from transformers import Trainer, TrainerCallback
 import sam_core
 import sam_torch
 from sam_torch import SAM, RNGReplay, disable_running_stats
+from sam_torch._entry import close_step, open_step
 from sam_torch._msharpness import (
     _UNSUPPORTED,
     _batch_size,
@@ -447,6 +448,7 @@ class SAMTrainer(Trainer):
             model.train()
             self._m_step = _TrainerMStep(model)
             self._adapter().m_step = None
+            open_step(sam)  # one SAM step (its hooks) over the chunks' first_step/restore
         step = self._m_step
         if step is None:  # pragma: no cover - first is always seen before the others
             raise RuntimeError("SAMTrainer(m_sharpness=...): a micro-batch outside a step")
@@ -469,6 +471,7 @@ class SAMTrainer(Trainer):
             )
         except BaseException:
             self._m_step = None
+            close_step(sam, completed=False)
             raise
         stats.commit()
         clean, perturbed = clean_sum * scale, perturbed_sum * scale
@@ -592,6 +595,7 @@ class _SAMStep(torch.optim.Optimizer):
         if self.m_step is not None:
             m_step, self.m_step = self.m_step, None
             m_step.finish_step(self.sam)
+            close_step(self.sam, completed=True)
             return None
         if self.sam.is_perturbed:
             self.sam.second_step()
