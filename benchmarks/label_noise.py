@@ -105,7 +105,11 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # The best final accuracy of each form's sweep with the ramp (the report's sweep
         # table): SAM 0.2 and m-SAM 0.2 (0.1 leaves a quarter / a tenth of the noise
         # memorized, 0.3 is unstable across seeds, 0.4 does not train).
-        "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0},
+        "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0, "everyk": 0.2, "looksam": 0.1,
+                "msam": 0.3},
+        # A form's own knobs in the grid (--k / --alpha): LookSAM's alpha from its sweep at
+        # rho 0.1 (the paper's 0.7 stays near the constant predictor here, docs/variants.md)
+        "form_options": {"looksam": {"alpha": 0.3}},
         # Other noise levels (`--label-noise`): the more labels are flipped, the smaller the
         # loss gap between a classifier and the constant predictor, and the smaller the rho
         # at which SAM prefers the latter; each level's rho is the best of its own sweep
@@ -385,6 +389,12 @@ def plan_runs(
             forms = [(o, (rho_for(settings, o.rho_key, noise) or 0.05,)) for o in optimizers]
         for backend in backends:
             for opt, rhos in forms:
+                # the grid's knobs of the form, unless the invocation sets them (--set)
+                own = {
+                    k: v
+                    for k, v in settings.get("form_options", {}).get(opt.label, {}).items()
+                    if not sweep and k not in (overrides or {})
+                }
                 for rho in rhos:
                     for seed in seeds:
                         runs.append(
@@ -394,7 +404,7 @@ def plan_runs(
                                 opt,
                                 seed,
                                 0.0 if opt.name == "sgd" else float(rho),
-                                tuple(sorted(config.items())),
+                                tuple(sorted({**config, **own}.items())),
                                 "sweep" if sweep else "grid",
                             )
                         )
@@ -555,8 +565,9 @@ def in_grid(run: dict[str, Any]) -> bool:
         return run.get("kind", "grid") == "grid"
     if run["optimizer"] == "sgd":
         return True
-    if run.get("form_options"):  # a knob sweep's run
-        return False
+    label = OptimizerSpec(run["optimizer"], run["m_sharpness"]).label
+    if (run.get("form_options") or {}) != settings.get("form_options", {}).get(label, {}):
+        return False  # a knob sweep's run
     key = OptimizerSpec(run["optimizer"], run["m_sharpness"]).rho_key
     warmup = float(settings["config"].get("rho_warmup_epochs", 0.0))
     chosen = rho_for(settings, key, run["label_noise"])

@@ -56,3 +56,19 @@ def test_tiny_study_records_passes_and_ratio(tmp_path):
     assert runs["looksam"]["form_options"] == {"alpha": 0.3}
     assert runs["looksam"]["wall_time_ratio"] > 0
     assert "passes/step | time / SGD" in (out / "report.md").read_text()
+
+
+def test_grid_takes_a_forms_knobs_from_the_dataset_settings():
+    settings = study.DATASET_SETTINGS["digits"]
+    grid_alpha = settings["form_options"]["looksam"]["alpha"]
+    (plan,) = study.plan_runs(settings, [study.parse_optimizer("looksam")], [0], ["torch"])
+    assert dict(plan.config)["alpha"] == grid_alpha
+    # --set alpha=... wins over the grid's
+    (swept,) = study.plan_runs(
+        settings, [study.parse_optimizer("looksam")], [0], ["torch"], overrides={"alpha": 0.7}
+    )
+    assert dict(swept.config)["alpha"] == 0.7
+    rho = settings["rho"]["looksam"]
+    grid = _run(optimizer="looksam", rho=rho, form_options={"alpha": grid_alpha})
+    assert study.in_grid(grid)
+    assert not study.in_grid(_run(optimizer="looksam", rho=rho))  # the paper's alpha: a sweep run
