@@ -212,7 +212,10 @@ class OptimizerSpec:
 
     @property
     def display(self) -> str:
-        base = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM"}.get(self.name, self.name)
+        base = {
+            "sgd": "SGD", "sam": "SAM", "asam": "ASAM", "looksam": "LookSAM",
+            "everyk": "every-k SAM", "msam": "Momentum-SAM", "gsam": "GSAM",
+        }.get(self.name, self.name)
         return base if self.m is None else f"m-{base} (m={self.m})"
 
 
@@ -801,7 +804,14 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "thread (JAX m-SAM with `m_sharpness_impl='vectorized'`, the faster form here; same "
         "numbers as the scan form). `rho 0.2, warm-up 5 ep`: rho ramped linearly from 0 over "
         "the first 5 epochs (`--rho-warmup-epochs`, `sam_torch.RhoWarmup` / "
-        "`sam_jax.rho_warmup_schedule`); without it, rho from the first step.",
+        "`sam_jax.rho_warmup_schedule`); without it, rho from the first step. "
+        "`passes/step`: forward-backward passes over a batch per optimizer step, as the "
+        "training loop counts them; `time / SGD`: the run's training time (its epochs, "
+        "without the worker's start-up) over the mean of SGD's runs of the same invocation, "
+        "whose runs share the machine with each other (`--jobs` at a time) and with "
+        "whatever else runs there (–: a run recorded before these fields, or without SGD "
+        "in its invocation). A form's own knobs (`--set k=...,alpha=...`) are in brackets "
+        "where they are not its defaults.",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):

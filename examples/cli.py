@@ -190,8 +190,8 @@ def _complete(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--rho-warmup-epochs must be >= 0, got {warmup}")
     if warmup > 0.0 and args.optimizer not in RHO_WARMUP_OPTIMIZERS:
         raise SystemExit(
-            f"--rho-warmup-epochs supports --optimizer {' or '.join(RHO_WARMUP_OPTIMIZERS)}, "
-            f"got {args.optimizer!r}; drop the flag for it"
+            f"--rho-warmup-epochs ramps rho, so it needs a SAM-family --optimizer (one of "
+            f"{', '.join(RHO_WARMUP_OPTIMIZERS)}), got {args.optimizer!r}; drop the flag for it"
         )
     for flag, forms in FORM_OPTIONS.items():
         if getattr(args, flag, None) is not None and args.optimizer not in forms:

@@ -22,10 +22,10 @@ def test_form_options_are_part_of_a_runs_identity_and_label():
     plain, tuned = _run(optimizer="looksam"), _run(optimizer="looksam", form_options={"alpha": 0.3})
     assert study.run_key(plain) != study.run_key(tuned)
     assert study.run_key(plain) == study.run_key(_run(optimizer="looksam", form_options={}))
-    assert study._label(tuned) == "looksam (alpha=0.3)"
+    assert study._label(tuned) == "LookSAM (alpha=0.3)"
     assert not study.in_grid(tuned)
     rows = study.summarize([plain, tuned], "all")
-    assert sorted(r["label"] for r in rows) == ["looksam", "looksam (alpha=0.3)"]
+    assert sorted(r["label"] for r in rows) == ["LookSAM", "LookSAM (alpha=0.3)"]
 
 
 def test_wall_time_ratio_is_against_the_same_invocations_sgd():

@@ -268,9 +268,10 @@ def test_rho_warmup_gives_the_same_numbers_in_both_backends():
     ("argv", "message"),
     [
         (["--optimizer", "sgd", "--rho-warmup-epochs", "2"],
-         "--rho-warmup-epochs supports --optimizer sam or asam, got 'sgd'"),
-        (["--optimizer", "gsam", "--rho-warmup-epochs", "2"],
-         "--rho-warmup-epochs supports --optimizer sam or asam, got 'gsam'"),
+         r"--rho-warmup-epochs ramps rho, so it needs a SAM-family --optimizer \(one of sam, "
+         r"asam, gsam, .*\), got 'sgd'"),
+        (["--optimizer", "sgd", "--alpha", "0.3"],
+         "--alpha applies to --optimizer looksam or gsam, got 'sgd'"),
         (["--optimizer", "sam", "--rho-warmup-epochs", "-1"],
          "--rho-warmup-epochs must be >= 0, got -1.0"),
     ],
