@@ -63,6 +63,7 @@ __all__ = [
     "PRESETS",
     "OptimizerSpec",
     "RunSpec",
+    "form_options",
     "in_grid",
     "main",
     "merge_runs",
@@ -72,6 +73,7 @@ __all__ = [
     "rho_warmup_of",
     "run_key",
     "summarize",
+    "wall_time_ratios",
     "write_report",
 ]
 
@@ -103,7 +105,11 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # The best final accuracy of each form's sweep with the ramp (the report's sweep
         # table): SAM 0.2 and m-SAM 0.2 (0.1 leaves a quarter / a tenth of the noise
         # memorized, 0.3 is unstable across seeds, 0.4 does not train).
-        "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0},
+        "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0, "everyk": 0.2, "looksam": 0.1,
+                "msam": 0.3},
+        # A form's own knobs in the grid (--k / --alpha): LookSAM's alpha from its sweep at
+        # rho 0.1 (the paper's 0.7 stays near the constant predictor here, docs/variants.md)
+        "form_options": {"looksam": {"alpha": 0.3}},
         # Other noise levels (`--label-noise`): the more labels are flipped, the smaller the
         # loss gap between a classifier and the constant predictor, and the smaller the rho
         # at which SAM prefers the latter; each level's rho is the best of its own sweep
@@ -206,7 +212,10 @@ class OptimizerSpec:
 
     @property
     def display(self) -> str:
-        base = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM"}.get(self.name, self.name)
+        base = {
+            "sgd": "SGD", "sam": "SAM", "asam": "ASAM", "looksam": "LookSAM",
+            "everyk": "every-k SAM", "msam": "Momentum-SAM", "gsam": "GSAM",
+        }.get(self.name, self.name)
         return base if self.m is None else f"m-{base} (m={self.m})"
 
 
@@ -239,9 +248,14 @@ class RunSpec:
     kind: str = "grid"  # "grid" or "sweep"
 
     def overrides(self) -> dict[str, Any]:
+        from examples.cli import FORM_OPTIONS
+
         values = dict(self.config)
         if self.optimizer.name == "sgd":  # no rho to warm up
             values.pop("rho_warmup_epochs", None)
+        for flag, forms in FORM_OPTIONS.items():  # --set k=..., alpha=...: the forms' own
+            if self.optimizer.name not in forms:
+                values.pop(flag, None)
         values.update(
             optimizer=self.optimizer.name,
             m_sharpness=self.optimizer.m,
@@ -254,6 +268,7 @@ class RunSpec:
         c = dict(self.config)
         return run_key(
             {
+                "form_options": form_options(self.optimizer.name, c),
                 "dataset": self.dataset,
                 "backend": self.backend,
                 "optimizer": self.optimizer.name,
@@ -266,6 +281,25 @@ class RunSpec:
                 "n_train": c.get("limit_train"),
             }
         )
+
+
+def form_options(optimizer: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The form's own knobs (``k``, ``alpha``: :data:`examples.cli.FORM_OPTIONS`) that
+    ``values`` (a run's settings) set to something other than the form's default; ``{}`` for
+    a form at its defaults (the records before the knobs existed)."""
+    from examples.cli import FORM_OPTIONS
+
+    return {
+        flag: values[flag]
+        for flag, defaults in sorted(FORM_OPTIONS.items())
+        if optimizer in defaults
+        and values.get(flag) is not None
+        and values[flag] != defaults[optimizer]
+    }
+
+
+def _options_text(options: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted((options or {}).items()))
 
 
 def rho_warmup_of(run: dict[str, Any]) -> float:
@@ -289,6 +323,7 @@ def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
         round(float(run["label_noise"]), 6),
         int(run["epochs"]),
         run.get("n_train"),
+        tuple(sorted((run.get("form_options") or {}).items())),
     )
 
 
@@ -357,6 +392,12 @@ def plan_runs(
             forms = [(o, (rho_for(settings, o.rho_key, noise) or 0.05,)) for o in optimizers]
         for backend in backends:
             for opt, rhos in forms:
+                # the grid's knobs of the form, unless the invocation sets them (--set)
+                own = {
+                    k: v
+                    for k, v in settings.get("form_options", {}).get(opt.label, {}).items()
+                    if not sweep and k not in (overrides or {})
+                }
                 for rho in rhos:
                     for seed in seeds:
                         runs.append(
@@ -366,7 +407,7 @@ def plan_runs(
                                 opt,
                                 seed,
                                 0.0 if opt.name == "sgd" else float(rho),
-                                tuple(sorted(config.items())),
+                                tuple(sorted({**config, **own}.items())),
                                 "sweep" if sweep else "grid",
                             )
                         )
@@ -402,6 +443,7 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
     wall = time.perf_counter() - started
     final = history[-1]
     c = dict(spec.config)
+    steps = sum(h["passes"] / h["passes_per_step"] for h in history)
     return {
         "dataset": spec.dataset,
         "backend": spec.backend,
@@ -421,6 +463,16 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
         "max_noisy_fit": max((h["noisy_fit"] or 0.0) for h in history),
         "final_train_loss": final["train_loss"],
         "wall_s": round(wall, 1),
+        # the epochs' time (training, JAX compilation and the per-epoch evaluation), without
+        # the process's start-up (imports, data loading), which the first run of a worker
+        # pays alone
+        "train_time_s": round(sum(h["epoch_time_s"] for h in history), 2),
+        # forward-backward passes over a batch per optimizer step, counted by the loop
+        "passes_per_step": round(sum(h["passes"] for h in history) / steps, 4),
+        # train_time_s / the mean train_time_s of SGD's runs of the same invocation (same
+        # dataset, backend, noise, epochs, data), set when the invocation ends (else None)
+        "wall_time_ratio": None,
+        "form_options": form_options(spec.optimizer.name, c),
         "settings": {k: v for k, v in c.items() if k != "data_dir"},
         "history": history,
     }
@@ -477,7 +529,27 @@ def hardware() -> dict[str, Any]:
 
 
 def _label(run: dict[str, Any]) -> str:
-    return OptimizerSpec(run["optimizer"], run["m_sharpness"]).display
+    label = OptimizerSpec(run["optimizer"], run["m_sharpness"]).display
+    options = _options_text(run.get("form_options"))
+    return f"{label} ({options})" if options else label
+
+
+def wall_time_ratios(runs: list[dict[str, Any]]) -> None:
+    """Set each run's ``wall_time_ratio``: its ``train_time_s`` over the mean ``train_time_s``
+    of the SGD runs among ``runs`` (one invocation's) with the same dataset, backend, noise,
+    epochs and training-set size; left as it is where there is no such SGD run."""
+
+    def where(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["dataset"], r["backend"], r["label_noise"], r["epochs"], r.get("n_train"))
+
+    sgd: dict[tuple[Any, ...], list[float]] = {}
+    for r in runs:
+        if r["optimizer"] == "sgd" and r.get("train_time_s"):
+            sgd.setdefault(where(r), []).append(r["train_time_s"])
+    for r in runs:
+        base = sgd.get(where(r))
+        if base and r.get("train_time_s"):
+            r["wall_time_ratio"] = round(r["train_time_s"] / statistics.fmean(base), 3)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -496,6 +568,9 @@ def in_grid(run: dict[str, Any]) -> bool:
         return run.get("kind", "grid") == "grid"
     if run["optimizer"] == "sgd":
         return True
+    label = OptimizerSpec(run["optimizer"], run["m_sharpness"]).label
+    if (run.get("form_options") or {}) != settings.get("form_options", {}).get(label, {}):
+        return False  # a knob sweep's run
     key = OptimizerSpec(run["optimizer"], run["m_sharpness"]).rho_key
     warmup = float(settings["config"].get("rho_warmup_epochs", 0.0))
     chosen = rho_for(settings, key, run["label_noise"])
@@ -523,6 +598,7 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
             r["m_sharpness"],
             0.0 if r["optimizer"] == "sgd" else r["rho"],
             rho_warmup_of(r),
+            tuple(sorted((r.get("form_options") or {}).items())),
         )
         groups.setdefault(k, []).append(r)
     rows = []
@@ -538,6 +614,7 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
                     "m_sharpness",
                     "rho",
                     "rho_warmup_epochs",
+                    "form_options",
                 ),
                 k,
                 strict=True,
@@ -548,6 +625,11 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
         for metric in ("final_test_acc", "best_test_acc", "noisy_fit", "clean_fit"):
             vals = [r[metric] for r in rs if r[metric] is not None]
             row[metric] = _mean_std(vals) if vals else None
+        row["form_options"] = dict(row["form_options"])
+        passes = [r["passes_per_step"] for r in rs if r.get("passes_per_step") is not None]
+        row["passes_per_step"] = statistics.fmean(passes) if passes else None
+        ratios = [r["wall_time_ratio"] for r in rs if r.get("wall_time_ratio") is not None]
+        row["wall_time_ratio"] = _mean_std(ratios) if ratios else None
         rows.append(row)
     order = {"sgd": 0, "sam": 1, "asam": 3}
     rows.sort(
@@ -566,6 +648,13 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
 
 def _pct(ms: tuple[float, float] | None) -> str:
     return "–" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def _cost(r: dict[str, Any]) -> str:
+    """``passes per step | wall time / SGD's`` cells (– for records without them)."""
+    passes = "–" if r.get("passes_per_step") is None else f"{r['passes_per_step']:.2f}"
+    ratio = r.get("wall_time_ratio")
+    return f"{passes} | " + ("–" if ratio is None else f"{ratio[0]:.2f} ± {ratio[1]:.2f}")
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -715,15 +804,22 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "thread (JAX m-SAM with `m_sharpness_impl='vectorized'`, the faster form here; same "
         "numbers as the scan form). `rho 0.2, warm-up 5 ep`: rho ramped linearly from 0 over "
         "the first 5 epochs (`--rho-warmup-epochs`, `sam_torch.RhoWarmup` / "
-        "`sam_jax.rho_warmup_schedule`); without it, rho from the first step.",
+        "`sam_jax.rho_warmup_schedule`); without it, rho from the first step. "
+        "`passes/step`: forward-backward passes over a batch per optimizer step, as the "
+        "training loop counts them; `time / SGD`: the run's training time (its epochs, "
+        "without the worker's start-up) over the mean of SGD's runs of the same invocation, "
+        "whose runs share the machine with each other (`--jobs` at a time) and with "
+        "whatever else runs there (–: a run recorded before these fields, or without SGD "
+        "in its invocation). A form's own knobs (`--set k=...,alpha=...`) are in brackets "
+        "where they are not its defaults.",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"## {dataset}", "", f"Settings: {_settings_line(runs, dataset)}.", ""]
         lines += [
             "| noise | backend | optimizer | rho | seeds | final test acc | best test acc "
-            "| noisy_fit | clean_fit |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| noisy_fit | clean_fit | passes/step | time / SGD |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r["dataset"] == dataset):
             rho = _rho_text(r)
@@ -731,7 +827,7 @@ def write_report(results: dict[str, Any], out: Path) -> str:
                 f"| {round(100 * r['label_noise'])} % | {r['backend']} | {r['label']} | {rho} "
                 f"| {len(r['seeds'])} "
                 f"| {_pct(r['final_test_acc'])} | {_pct(r['best_test_acc'])} "
-                f"| {_pct(r['noisy_fit'])} | {_pct(r['clean_fit'])} |"
+                f"| {_pct(r['noisy_fit'])} | {_pct(r['clean_fit'])} | {_cost(r)} |"
             )
         if f"curves-{dataset}.png" in images:
             lines += ["", f"![learning curves](curves-{dataset}.png)"]
@@ -740,35 +836,36 @@ def write_report(results: dict[str, Any], out: Path) -> str:
     if targets:
         lines += ["## Targets", "", *targets, ""]
     every = [r for r in summarize(runs, "all") if r["optimizer"] != "sgd"]
-    rhos: dict[tuple[Any, ...], set[float]] = {}
+    rhos: dict[tuple[Any, ...], set[Any]] = {}
+
+    def form(r: dict[str, Any]) -> tuple[Any, ...]:  # the form, whatever its knobs
+        return (r["dataset"], r["label_noise"], r["backend"], r["optimizer"], r["m_sharpness"])
+
     for r in every:
-        rhos.setdefault((r["dataset"], r["label_noise"], r["backend"], r["label"]), set()).add(
-            (r["rho"], r["rho_warmup_epochs"])
+        rhos.setdefault(form(r), set()).add(
+            (r["rho"], r["rho_warmup_epochs"], _options_text(r["form_options"]))
         )
-    sweep = [
-        r
-        for r in every
-        if len(rhos[(r["dataset"], r["label_noise"], r["backend"], r["label"])]) > 1
-    ]
+    sweep = [r for r in every if len(rhos[form(r)]) > 1]
     if sweep:
         lines += [
             "## rho sweep",
             "",
-            "Every rho run of an optimizer form (grid and sweep runs); the grid above uses, per "
-            "dataset, noise level and form, the rho of `DATASET_SETTINGS` in "
+            "Every rho run of an optimizer form (grid and sweep runs; a form's own knobs, "
+            "`--k` / `--alpha`, in brackets where they are not its defaults); the grid above "
+            "uses, per dataset, noise level and form, the rho of `DATASET_SETTINGS` in "
             "`benchmarks/label_noise.py`, chosen as the best mean final test accuracy of this "
             "sweep.",
             "",
             "| dataset | noise | backend | optimizer | rho | seeds | final test acc "
-            "| best test acc | noisy_fit |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| best test acc | noisy_fit | passes/step | time / SGD |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sweep:
             lines.append(
                 f"| {r['dataset']} | {round(100 * r['label_noise'])} % | {r['backend']} "
                 f"| {r['label']} | {_rho_text(r)} "
                 f"| {len(r['seeds'])} | {_pct(r['final_test_acc'])} "
-                f"| {_pct(r['best_test_acc'])} | {_pct(r['noisy_fit'])} |"
+                f"| {_pct(r['best_test_acc'])} | {_pct(r['noisy_fit'])} | {_cost(r)} |"
             )
         lines.append("")
     lines += ["## Commands and hardware", ""]
@@ -902,9 +999,11 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         "wall_min": 0.0,
     }
     started = time.perf_counter()
+    recorded: list[dict[str, Any]] = []
 
     def record(run: dict[str, Any]) -> None:
         nonlocal results
+        recorded.append(run)
         invocation["runs_done"] += 1
         invocation["wall_min"] = round((time.perf_counter() - started) / 60, 2)
         results = update_results(path, [run], invocation)
@@ -934,7 +1033,8 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
                     else:
                         record(f.result())
     if todo:
-        results = update_results(path, [], invocation)
+        wall_time_ratios(recorded)  # against this invocation's SGD runs
+        results = update_results(path, recorded, invocation)
     write_report(results, out)
     if failures:
         raise SystemExit(f"{len(failures)} runs failed: " + "; ".join(failures))

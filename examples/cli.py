@@ -20,9 +20,11 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_RHO",
+    "FORM_OPTIONS",
     "RHO_WARMUP_OPTIMIZERS",
     "build_parser",
     "check_chunks",
+    "form_option",
     "lr_at",
     "make_config",
     "optimizer_names",
@@ -34,8 +36,15 @@ __all__ = [
 ]
 
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}
-#: Optimizers that take ``--rho-warmup-epochs`` (in both backends).
-RHO_WARMUP_OPTIMIZERS = ("sam", "asam")
+#: Optimizers that take ``--rho-warmup-epochs`` (in both backends): every SAM-family form.
+RHO_WARMUP_OPTIMIZERS = (
+    "sam", "asam", "gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso",
+)
+#: A form's own knobs (``--k``, ``--alpha``): flag -> (the forms that take it, their default).
+FORM_OPTIONS: dict[str, dict[str, Any]] = {
+    "k": {"looksam": 5, "everyk": 5},
+    "alpha": {"looksam": 0.7, "gsam": 0.2},
+}
 STEP_FRACTIONS = (0.3, 0.6, 0.8)
 STEP_GAMMA = 0.2
 
@@ -111,10 +120,24 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="E",
-        help="ramp rho linearly from 0 over the first E epochs' steps (sam and asam; "
+        help="ramp rho linearly from 0 over the first E epochs' steps (every SAM-family form; "
         "sam_torch.RhoWarmup / sam_jax.rho_warmup_schedule); 0: constant rho",
     )
     p.add_argument("--eta", type=float, default=0.01, help="ASAM offset in T_w = |w| + eta")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="looksam / everyk: a full SAM step every k steps, one pass on the others "
+        "(default 5)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="looksam: weight of the reused orthogonal direction g_v (default 0.7); gsam: "
+        "weight of the clean gradient's orthogonal part (default 0.2)",
+    )
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
@@ -167,9 +190,15 @@ def _complete(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--rho-warmup-epochs must be >= 0, got {warmup}")
     if warmup > 0.0 and args.optimizer not in RHO_WARMUP_OPTIMIZERS:
         raise SystemExit(
-            f"--rho-warmup-epochs supports --optimizer {' or '.join(RHO_WARMUP_OPTIMIZERS)}, "
-            f"got {args.optimizer!r}; drop the flag for it"
+            f"--rho-warmup-epochs ramps rho, so it needs a SAM-family --optimizer (one of "
+            f"{', '.join(RHO_WARMUP_OPTIMIZERS)}), got {args.optimizer!r}; drop the flag for it"
         )
+    for flag, forms in FORM_OPTIONS.items():
+        if getattr(args, flag, None) is not None and args.optimizer not in forms:
+            raise SystemExit(
+                f"--{flag} applies to --optimizer {' or '.join(forms)}, got {args.optimizer!r}; "
+                "drop the flag for it"
+            )
     m = args.m_sharpness
     if m is not None:
         if m < 1 or args.batch_size % m:
@@ -206,6 +235,13 @@ def make_config(**overrides: Any) -> argparse.Namespace:
     for key, value in overrides.items():
         setattr(args, key, value)
     return _complete(args)
+
+
+def form_option(args: Any, flag: str, form: str) -> Any:
+    """Form ``form``'s knob ``flag`` (``"k"``, ``"alpha"``): the argument when given, else the
+    form's default (:data:`FORM_OPTIONS`)."""
+    value = getattr(args, flag, None)
+    return FORM_OPTIONS[flag][form] if value is None else value
 
 
 def rho_warmup_steps(args: Any, steps_per_epoch: int) -> int:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from examples.cli import FORM_OPTIONS, form_option
+
 __all__ = [
     "OPTAX_OPTIMIZERS",
     "TORCH_OPTIMIZERS",
@@ -89,6 +91,9 @@ def _torch_variant(cls_name: str, **variant_kwargs: Any) -> Callable[[Any, Any],
 
         cls = getattr(sam_torch, cls_name)
         extra = dict(variant_kwargs)
+        for flag in set(extra) & set(FORM_OPTIONS):  # --k / --alpha when given
+            value = getattr(args, flag, None)
+            extra[flag] = extra[flag] if value is None else value
         if cls_name == "SAMON":
             if not hasattr(model_or_params, "parameters"):
                 raise TypeError("samon needs the model (its normalization layers), not params")
@@ -158,13 +163,16 @@ def optax_schedule(args: Any, steps_per_epoch: int) -> Callable[[Any], Any]:
 class OptaxEntry:
     """An optax optimizer of the registry: ``build(args, schedule)``, whether its update
     needs ``grad_fn`` (the SAM family) and, for the variants that alternate full SAM steps
-    with one-pass steps (LookSAM, every-k), ``full_step(t)`` for step ``t`` (0-based): the
-    training loop then passes ``full_step=`` as a static choice (one jitted step per value),
-    which avoids ``lax.cond``'s slow path for convolutions on XLA:CPU."""
+    with one-pass steps (LookSAM, every-k), ``full_step(t, k)`` for step ``t`` (0-based) and
+    interval ``k``: the training loop then passes ``full_step=`` as a static choice (one
+    jitted step per value), which avoids ``lax.cond``'s slow path for convolutions on
+    XLA:CPU. ``needs_clean_grad=False`` (Momentum-SAM): the update reads no clean gradient,
+    so the loop makes no clean pass (one forward-backward per step)."""
 
     build: Callable[[Any, Callable[[Any], Any]], Any]
     needs_grad_fn: bool
-    full_step: Callable[[int], bool] | None = None
+    full_step: Callable[[int, int], bool] | None = None
+    needs_clean_grad: bool = True
 
 
 def _optax_base(args: Any, schedule: Callable[[Any], Any]) -> list[Any]:
@@ -219,35 +227,58 @@ def _optax_variant(name: str) -> OptaxEntry:
 
         import sam_jax
 
-        rho, eta = args.rho, args.eta
+        eta = args.eta
+        warmup = getattr(args, "rho_warmup_steps", 0)
+
+        def first(factory: Callable[..., Any], *static: str, **kwargs: Any) -> Any:
+            # rho ramped (--rho-warmup-epochs): a schedule of the update count through
+            # optax.inject_hyperparams; the arguments that are no numbers stay static
+            if not warmup:
+                return factory(args.rho, **kwargs)
+            return optax.inject_hyperparams(factory, static_args=static)(
+                rho=sam_jax.rho_warmup_schedule(args.rho, warmup), **kwargs
+            )
+
         if name == "wsam":  # decoupled WSAM wraps the base optimizer
             base = optax.chain(*_optax_base(args, schedule))
             return optax.chain(
-                sam_jax.wsam(rho, gamma=0.88, eta=eta, base=base, learning_rate=schedule)
+                first(
+                    sam_jax.wsam, "base", "learning_rate",
+                    gamma=0.88, eta=eta, base=base, learning_rate=schedule,
+                )
             )
-        first = {
-            "gsam": lambda: sam_jax.gsam(rho, alpha=0.2, eta=eta),
+        transformation = {
+            "gsam": lambda: first(sam_jax.gsam, alpha=form_option(args, "alpha", name), eta=eta),
             # the Flax WideResNet names its BatchNorm layers bn, bn1, bn2
-            "samon": lambda: sam_jax.samon(
-                rho,
+            "samon": lambda: first(
+                sam_jax.samon,
+                "mask",
                 eta=eta,
                 mask=lambda p: sam_jax.normalization_mask(
                     p, lambda path, _: any(n.startswith("bn") for n in path)
                 ),
             ),
-            "looksam": lambda: sam_jax.looksam(rho, k=5, alpha=0.7, eta=eta),
-            "everyk": lambda: sam_jax.every_k_sam(rho, k=5, eta=eta),
-            "msam": lambda: sam_jax.momentum_sam(rho, momentum=args.momentum),
-            "fsam": lambda: sam_jax.friendly_sam(rho, sigma=1.0, lmbda=0.9, eta=eta),
-            "vasso": lambda: sam_jax.vasso(rho, theta=0.9, eta=eta),
+            "looksam": lambda: first(
+                sam_jax.looksam, "k",
+                k=form_option(args, "k", name), alpha=form_option(args, "alpha", name), eta=eta,
+            ),
+            "everyk": lambda: first(
+                sam_jax.every_k_sam, "k", k=form_option(args, "k", name), eta=eta
+            ),
+            "msam": lambda: first(sam_jax.momentum_sam, momentum=args.momentum),
+            "fsam": lambda: first(sam_jax.friendly_sam, sigma=1.0, lmbda=0.9, eta=eta),
+            "vasso": lambda: first(sam_jax.vasso, theta=0.9, eta=eta),
         }[name]()
-        return optax.chain(first, *_optax_base(args, schedule))
+        return optax.chain(transformation, *_optax_base(args, schedule))
 
     full_step = {
-        "looksam": lambda t: t % 5 == 0,  # sam_jax.looksam: full when count % k == 0
-        "everyk": lambda t: (t + 1) % 5 == 0,  # sam_jax.every_k_sam: when (count + 1) % k == 0
+        "looksam": lambda t, k: t % k == 0,  # sam_jax.looksam: full when count % k == 0
+        # sam_jax.every_k_sam: full when (count + 1) % k == 0
+        "everyk": lambda t, k: (t + 1) % k == 0,
     }.get(name)
-    return OptaxEntry(build, needs_grad_fn=True, full_step=full_step)
+    return OptaxEntry(
+        build, needs_grad_fn=True, full_step=full_step, needs_clean_grad=name != "msam"
+    )
 
 
 OPTAX_OPTIMIZERS.update(
@@ -262,7 +293,7 @@ def make_optax(name: str, args: Any, steps_per_epoch: int) -> Any:
     """Build the optax optimizer ``name`` (a key of :data:`OPTAX_OPTIMIZERS`).
 
     The learning rate follows :func:`optax_schedule` (the torch script's schedule); with
-    ``args.rho_warmup_epochs`` > 0, sam/asam's rho follows
+    ``args.rho_warmup_epochs`` > 0, every SAM-family form's rho follows
     :func:`sam_jax.rho_warmup_schedule` (``optax.inject_hyperparams``). Whether
     ``tx.update`` needs ``grad_fn`` is ``OPTAX_OPTIMIZERS[name].needs_grad_fn``.
     """
@@ -277,9 +308,9 @@ def make_optax(name: str, args: Any, steps_per_epoch: int) -> Any:
     warmup = rho_warmup_steps(args, steps_per_epoch)
     if warmup and name not in RHO_WARMUP_OPTIMIZERS:
         raise ValueError(
-            f"rho_warmup_epochs supports {' and '.join(RHO_WARMUP_OPTIMIZERS)}, got {name!r}"
+            f"rho_warmup_epochs supports {', '.join(RHO_WARMUP_OPTIMIZERS)}, got {name!r}"
         )
     if warmup:
         args = copy.copy(args)
-        args.rho_warmup_steps = warmup  # read by the sam/asam builders
+        args.rho_warmup_steps = warmup  # read by the SAM-family builders
     return entry.build(args, optax_schedule(args, steps_per_epoch))

@@ -50,7 +50,14 @@ from flax import serialization
 from tqdm import tqdm
 
 import sam_jax
-from examples.cli import check_chunks, end_epoch, lr_at, parse_args, print_epoch
+from examples.cli import (
+    check_chunks,
+    end_epoch,
+    form_option,
+    lr_at,
+    parse_args,
+    print_epoch,
+)
 from examples.data import Split, TrainingData, batches, epoch_rng, fit_metrics, load_training_data
 from examples.optimizers import OPTAX_OPTIMIZERS, make_optax
 
@@ -88,6 +95,7 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
     model = _model(args.dataset, args.depth, args.width, args.num_classes)
     tx = make_optax(args.optimizer, args, steps_per_epoch)
     needs_grad_fn = OPTAX_OPTIMIZERS[args.optimizer].needs_grad_fn
+    needs_clean_grad = OPTAX_OPTIMIZERS[args.optimizer].needs_clean_grad
 
     def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> Any:
         logits, new_vars = model.apply(
@@ -128,6 +136,20 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
             correct = jnp.sum(jnp.argmax(logits, -1) == y)
             sharpness = _first_state(opt_state).sharpness
             return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
+        if not needs_clean_grad:  # Momentum-SAM: one pass, at w + e; its statistics are kept
+            found: list[Any] = []
+
+            def one_pass(perturbed: Any) -> tuple[jax.Array, Any]:
+                (p_loss, aux), p_grads = value_and_grad(perturbed, state.batch_stats, x, y)
+                found.append(aux)  # read below, in the same trace (no control flow around)
+                return p_loss, p_grads
+
+            updates, opt_state = tx.update(None, state.opt_state, state.params, grad_fn=one_pass)
+            logits, new_stats = found[0]
+            loss = _first_state(opt_state).perturbed_value
+            params = optax.apply_updates(state.params, updates)
+            correct = jnp.sum(jnp.argmax(logits, -1) == y)
+            return TrainState(params, new_stats, opt_state), (loss, correct, jnp.float32(jnp.nan))
         (loss, (logits, new_stats)), grads = value_and_grad(state.params, state.batch_stats, x, y)
         if needs_grad_fn:
 
@@ -231,6 +253,8 @@ _STEP_KEYS = (
     "rho",
     "rho_warmup_epochs",
     "eta",
+    "k",
+    "alpha",
     "lr",
     "momentum",
     "weight_decay",
@@ -294,11 +318,15 @@ def train(
         elif resume != "auto":
             raise SystemExit(f"--resume {path}: no such checkpoint file")
 
-    two_pass = OPTAX_OPTIMIZERS[config.optimizer].needs_grad_fn
-    full_step_at = OPTAX_OPTIMIZERS[config.optimizer].full_step
+    entry = OPTAX_OPTIMIZERS[config.optimizer]
+    two_pass = entry.needs_grad_fn
+    full_step_at = entry.full_step
+    k = form_option(config, "k", config.optimizer) if full_step_at is not None else None
+    m = getattr(config, "m_sharpness", None)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         seen, loss_sum, correct, sharp_sum, sharp_seen = 0, 0.0, 0, 0.0, 0
+        passes, steps = 0, 0  # forward-backward passes over a batch, optimizer steps
         bar = tqdm(
             batches(
                 train_split,
@@ -322,9 +350,15 @@ def train(
                 steps_per_epoch=steps_per_epoch,
             )
             t = epoch * steps_per_epoch + i
-            full_step = None if full_step_at is None else full_step_at(t)
+            full_step = None if full_step_at is None else full_step_at(t, k)
             state, (loss, batch_correct, sharpness) = train_step(
                 state, jnp.asarray(x), jnp.asarray(y), full_step
+            )
+            # what the compiled step computes: a clean pass unless the form needs none, and a
+            # perturbed one unless this is a one-pass step (chosen on the host)
+            steps += 1
+            passes += 2 if m is not None else (
+                int(entry.needs_clean_grad) + int(two_pass and full_step is not False)
             )
             seen += len(y)
             loss_sum += float(loss) * len(y)
@@ -347,6 +381,8 @@ def train(
             "test_acc": test_acc,
             **fit,
             "epoch_time_s": round(time.perf_counter() - started, 3),
+            "passes": passes,
+            "passes_per_step": passes / steps,
         }
 
         def save(path: Path, epoch: int = epoch, state: TrainState = state) -> None:

@@ -130,7 +130,10 @@ def train_model(
     returns the loss only), ``sharpness`` (mean :math:`L(w+e) - L(w)`, ``None`` for
     one-pass optimizers), ``test_loss``, ``test_acc``, ``noisy_fit`` and ``clean_fit``
     (:func:`examples.data.fit_metrics`, eval mode on the training set; only with label
-    noise, else ``None``) and ``epoch_time_s``. ``progress(metrics)`` is called after each
+    noise, else ``None``), ``epoch_time_s``, ``passes`` (forward-backward passes over a
+    batch in the epoch: 2 on a SAM step, 1 on an SGD, Momentum-SAM or LookSAM / every-k
+    reuse step) and ``passes_per_step``. Momentum-SAM's one pass is at :math:`w + e`, so its
+    ``train_loss`` and ``train_acc`` are those of the perturbed point. ``progress(metrics)`` is called after each
     epoch. Files are written only when ``config.out`` is set.
     """
     if getattr(config, "threads", None):
@@ -149,6 +152,7 @@ def train_model(
     model = build_model(config, data).to(device)
     optimizer = make_torch_optimizer(config.optimizer, model, config)
     two_pass = hasattr(optimizer, "first_step")
+    one_pass = isinstance(optimizer, sam_torch.MomentumSAM) and m is None
     rho_warmup = rho_warmup_steps(config, steps_per_epoch)
     if m is not None and not two_pass:
         raise ValueError(f"m_sharpness needs a SAM-family optimizer, got {config.optimizer!r}")
@@ -181,6 +185,7 @@ def train_model(
         model.train()
         started = time.perf_counter()
         seen, loss_sum, correct, sharp_sum, sharp_seen = 0, 0.0, 0, 0.0, 0
+        passes, steps = 0, 0  # forward-backward passes over a batch, optimizer steps
         bar = tqdm(
             batches(
                 train_split,
@@ -223,11 +228,28 @@ def train_model(
                 optimizer.zero_grad(set_to_none=True)
                 sharp_sum += float(optimizer.sharpness) * len(y)
                 sharp_seen += len(y)
+                passes += 2  # every chunk's clean and perturbed pass: two batches' worth
                 correct = None
+            elif one_pass:  # Momentum-SAM: its only pass is at w + e (no clean gradient)
+                outputs: list[torch.Tensor] = []
+
+                def closure(
+                    xt: torch.Tensor = xt, yt: torch.Tensor = yt, outputs: list = outputs
+                ) -> torch.Tensor:
+                    outputs.append(model(xt))
+                    perturbed = loss_fn(outputs[-1], yt)
+                    perturbed.backward()
+                    return perturbed
+
+                loss = optimizer.step(closure)
+                optimizer.zero_grad(set_to_none=True)
+                passes += 1
+                correct += int((outputs[-1].argmax(1) == yt).sum())
             else:
                 logits = model(xt)
                 loss = loss_fn(logits, yt)
                 loss.backward()
+                passes += 1
                 # LookSAM / every-k SAM: one pass on the steps that reuse or skip SAM's
                 if two_pass and getattr(optimizer, "is_full_step", True):
                     optimizer.first_step(zero_grad=True)
@@ -235,12 +257,14 @@ def train_model(
                         perturbed_loss = loss_fn(model(xt), yt)
                         perturbed_loss.backward()
                     optimizer.second_step(zero_grad=True)
+                    passes += 1
                     sharp_sum += (perturbed_loss.item() - loss.item()) * len(y)
                     sharp_seen += len(y)
                 else:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 correct += int((logits.argmax(1) == yt).sum())
+            steps += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
@@ -258,6 +282,8 @@ def train_model(
             "test_acc": test_acc,
             **fit,
             "epoch_time_s": round(time.perf_counter() - started, 3),
+            "passes": passes,
+            "passes_per_step": passes / steps,
         }
         if end_epoch(
             history, metrics, config, progress=progress, out=out, checkpoint=CHECKPOINT,

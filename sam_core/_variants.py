@@ -62,6 +62,7 @@ __all__ = [
     "gsam_gradient",
     "looksam_direction",
     "looksam_gradient",
+    "looksam_resolved_norm",
     "looksam_scale",
     "momentum_sam_scale",
     "orthogonal_component",
@@ -177,22 +178,45 @@ def looksam_direction(
 
     the component of the SAM gradient :math:`g_s` orthogonal to the clean gradient
     :math:`g`: the part of SAM's gradient that plain SGD does not see, and which changes
-    slowly enough to be reused for :math:`k` steps. Returns ``(g_v, ||g_v||)``.
+    slowly enough to be reused for :math:`k` steps. Returns ``(g_v, ||g_v||)``, the norm
+    through :func:`looksam_resolved_norm` (0 when :math:`g_v` is rounding error).
     """
+    perturbed_norm = ops.sqrt(ops.sum_of_squares(perturbed_grads))
     coefficient = projection_coefficient(
         ops.dot(perturbed_grads, grads),
-        ops.sqrt(ops.sum_of_squares(perturbed_grads)),
+        perturbed_norm,
         ops.sqrt(ops.sum_of_squares(grads)),
         eps,
     )
     g_v = orthogonal_component(ops, perturbed_grads, grads, coefficient, out=out)
-    return g_v, ops.sqrt(ops.sum_of_squares(g_v))
+    return g_v, looksam_resolved_norm(ops.sqrt(ops.sum_of_squares(g_v)), perturbed_norm)
+
+
+#: :math:`\lVert g_v \rVert \le` this times :math:`\lVert g_s \rVert` counts as
+#: :math:`g_v = 0` (:func:`looksam_resolved_norm`).
+LOOKSAM_RTOL = 1e-4
+
+
+def looksam_resolved_norm(gv_norm: Any, perturbed_norm: Any, rtol: float = LOOKSAM_RTOL) -> Any:
+    r""":math:`\lVert g_v \rVert`, or 0 where it is below ``rtol`` :math:`\lVert g_s \rVert`.
+
+    With :math:`\rho = 0` (the first steps of a :math:`\rho` ramp) :math:`g_s = g` and
+    :math:`g_v = 0` exactly; computed, it is the rounding error of the projection, about
+    :math:`10^{-7} \lVert g_s \rVert` in float32, mostly parallel to :math:`g`. The reuse
+    rule normalizes :math:`g_v` to :math:`\alpha \lVert g \rVert` whatever its size, so it
+    would turn that rounding into :math:`g \pm \alpha g` (a step :math:`1 \pm \alpha` times
+    SGD's, its sign set by rounding, so different in each backend). A zero norm makes
+    :func:`looksam_scale` 0: the reuse steps are then plain steps, as the formula says for
+    :math:`g_v = 0`. Jit-friendly (no branch on the values).
+    """
+    return gv_norm * (gv_norm > rtol * perturbed_norm)
 
 
 def looksam_scale(alpha: Any, grad_norm: Any, gv_norm: Any, eps: Any = 1e-12) -> Any:
     r""":math:`\alpha \lVert g \rVert / (\lVert g_v \rVert + \epsilon)`, the weight of the
-    reused :math:`g_v` on LookSAM's one-pass steps (a zero :math:`g_v` adds nothing)."""
-    return alpha * grad_norm / (gv_norm + eps)
+    reused :math:`g_v` on LookSAM's one-pass steps; 0 when :math:`\lVert g_v \rVert = 0` (a
+    zero or unresolved :math:`g_v`, :func:`looksam_resolved_norm`, adds nothing)."""
+    return alpha * grad_norm / (gv_norm + eps) * (gv_norm > 0)
 
 
 def looksam_gradient(

@@ -931,7 +931,7 @@ class LookSAM(_VariantSAM):
         for ops, s, g in parts:  # g_v overwrites the stored clean gradient
             g_v = sam_core.orthogonal_component(ops, s, g, coefficient, out=g)
             sq.append(ops.sum_of_squares(g_v))
-        self.gv_norm = torch.sqrt(_sum_scalars(sq))
+        self.gv_norm = sam_core.looksam_resolved_norm(torch.sqrt(_sum_scalars(sq)), s_norm)
 
     @torch.no_grad()
     def _reuse_step(self) -> None:

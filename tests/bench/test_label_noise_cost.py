@@ -1,0 +1,74 @@
+"""The label-noise study's cost fields: passes per step and the training time relative to
+SGD's in the same invocation, and a form's own knobs (``k``, ``alpha``) in a run's identity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import label_noise as study
+from tests.bench.test_label_noise_study import _run
+
+
+def test_form_options_are_the_knobs_that_differ_from_the_forms_defaults():
+    assert study.form_options("looksam", {"k": 5, "alpha": 0.7}) == {}
+    assert study.form_options("looksam", {"k": 5, "alpha": 0.3}) == {"alpha": 0.3}
+    assert study.form_options("everyk", {"k": 2, "alpha": 0.3}) == {"k": 2}  # no alpha there
+    assert study.form_options("sam", {"k": 2}) == {}
+
+
+def test_form_options_are_part_of_a_runs_identity_and_label():
+    plain, tuned = _run(optimizer="looksam"), _run(optimizer="looksam", form_options={"alpha": 0.3})
+    assert study.run_key(plain) != study.run_key(tuned)
+    assert study.run_key(plain) == study.run_key(_run(optimizer="looksam", form_options={}))
+    assert study._label(tuned) == "LookSAM (alpha=0.3)"
+    assert not study.in_grid(tuned)
+    rows = study.summarize([plain, tuned], "all")
+    assert sorted(r["label"] for r in rows) == ["LookSAM", "LookSAM (alpha=0.3)"]
+
+
+def test_wall_time_ratio_is_against_the_same_invocations_sgd():
+    runs = [
+        _run(optimizer="sgd", train_time_s=10.0, seed=0),
+        _run(optimizer="sgd", train_time_s=14.0, seed=1),
+        _run(optimizer="sam", train_time_s=24.0),
+        _run(optimizer="sam", backend="jax", train_time_s=30.0),  # no JAX SGD here
+    ]
+    study.wall_time_ratios(runs)
+    assert [r.get("wall_time_ratio") for r in runs] == [
+        pytest.approx(10 / 12, abs=1e-3), pytest.approx(14 / 12, abs=1e-3), 2.0, None
+    ]
+    row = study.summarize(runs[2:3], "all")[0]
+    assert row["wall_time_ratio"][0] == pytest.approx(2.0)
+
+
+def test_tiny_study_records_passes_and_ratio(tmp_path):
+    out = tmp_path / "ln"
+    argv = ["--dataset", "digits", "--optimizers", "sgd,looksam", "--seeds", "0",
+            "--backends", "torch", "--set", "epochs=1,limit_train=320,alpha=0.3", "--jobs", "1",
+            "--out", str(out)]
+    study.main(argv, log=lambda _: None)
+    runs = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert runs["sgd"]["passes_per_step"] == 1.0 and runs["sgd"]["wall_time_ratio"] == 1.0
+    # 3 steps of 128: full steps at 0 only (k = 5)
+    assert runs["looksam"]["passes_per_step"] == pytest.approx(4 / 3, abs=1e-4)
+    assert runs["looksam"]["form_options"] == {"alpha": 0.3}
+    assert runs["looksam"]["wall_time_ratio"] > 0
+    assert "passes/step | time / SGD" in (out / "report.md").read_text()
+
+
+def test_grid_takes_a_forms_knobs_from_the_dataset_settings():
+    settings = study.DATASET_SETTINGS["digits"]
+    grid_alpha = settings["form_options"]["looksam"]["alpha"]
+    (plan,) = study.plan_runs(settings, [study.parse_optimizer("looksam")], [0], ["torch"])
+    assert dict(plan.config)["alpha"] == grid_alpha
+    # --set alpha=... wins over the grid's
+    (swept,) = study.plan_runs(
+        settings, [study.parse_optimizer("looksam")], [0], ["torch"], overrides={"alpha": 0.7}
+    )
+    assert dict(swept.config)["alpha"] == 0.7
+    rho = settings["rho"]["looksam"]
+    grid = _run(optimizer="looksam", rho=rho, form_options={"alpha": grid_alpha})
+    assert study.in_grid(grid)
+    assert not study.in_grid(_run(optimizer="looksam", rho=rho))  # the paper's alpha: a sweep run
