@@ -10,6 +10,7 @@ from sam_torch._bn import disable_running_stats, enable_running_stats
 from sam_torch._distributed import clean_pass
 from sam_torch._msharpness import m_sharpness_step
 from sam_torch._ops import TorchOps
+from sam_torch._options import MomentumSAMOptions, SAMOptions
 from sam_torch._sam import SAM
 from sam_torch._variants import (
     GSAM,
@@ -34,8 +35,10 @@ __all__ = [
     "FriendlySAM",
     "LookSAM",
     "MomentumSAM",
+    "MomentumSAMOptions",
     "ProportionalRhoScheduler",
     "RhoWarmup",
+    "SAMOptions",
     "ScaledSAM",
     "TorchOps",
     "VaSSO",
