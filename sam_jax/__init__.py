@@ -5,6 +5,8 @@
 """
 
 from sam_core import __version__
+from sam_jax._asam import asam_mask
+from sam_jax._bsam import BSAMState, bsam, bsam_noise, predictive
 from sam_jax._chain import check_chain
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps
@@ -32,6 +34,7 @@ from sam_jax._variants import (
 )
 
 __all__ = [
+    "BSAMState",
     "EveryKSAMState",
     "FriendlySAMState",
     "GSAMState",
@@ -43,6 +46,9 @@ __all__ = [
     "VaSSOState",
     "WSAMState",
     "__version__",
+    "asam_mask",
+    "bsam",
+    "bsam_noise",
     "check_chain",
     "chunk_batch",
     "every_k_sam",
@@ -52,6 +58,7 @@ __all__ = [
     "m_sharpness_update",
     "momentum_sam",
     "normalization_mask",
+    "predictive",
     "proportional_rho_schedule",
     "rho_warmup_schedule",
     "sam",

@@ -47,6 +47,8 @@ class MomentumSAMOptions(TypedDict, total=False, extra_items=Any):  # type: igno
         skip_nonfinite: ``"clean"`` (default), ``"both"``/``True`` or ``False``: the
             policy for non-finite gradients and losses.
         max_consecutive_skips: ``None`` or an int >= 1: raise after that many skipped steps.
+        gc: gradient centralization of the clean gradient before the perturbation is formed
+            (``False``; :func:`sam_core.centralize`).
     """
 
     sam_eps: float
@@ -55,6 +57,7 @@ class MomentumSAMOptions(TypedDict, total=False, extra_items=Any):  # type: igno
     storage: Literal["auto", "swap", "copy"]
     skip_nonfinite: bool | Literal["clean", "both"]
     max_consecutive_skips: int | None
+    gc: bool
 
 
 class SAMOptions(MomentumSAMOptions, total=False, extra_items=Any):  # type: ignore[call-arg]

@@ -206,6 +206,7 @@ class GSAM(_VariantSAM):
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
+            self._centralize_clean_gradients()
             self._clean = {}
             for _, _, params, grads, _ in self._plan():
                 bufs = [self._buffer("gsam_clean_grad", p, persistent=False) for p in params]
@@ -451,6 +452,7 @@ class WSAM(_VariantSAM):
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
+            self._centralize_clean_gradients()
             self._clean = {}
             for _, _, params, grads, _ in self._plan():
                 bufs = [self._buffer("wsam_clean_grad", p, persistent=False) for p in params]
@@ -643,6 +645,7 @@ class FriendlySAM(_VariantSAM):
         """
         if self.is_perturbed:
             super().first_step(zero_grad)  # raises: first_step() twice
+        self._centralize_clean_gradients()
         averages = self._buffers.setdefault("fsam_momentum", {})
         parts = []
         for _, ops, params, grads, _ in self._plan():
@@ -712,6 +715,7 @@ class VaSSO(_VariantSAM):
         r"""Turn ``p.grad`` into the new average :math:`m`, perturb along it, keep it."""
         if self.is_perturbed:
             super().first_step(zero_grad)  # raises: first_step() twice
+        self._centralize_clean_gradients()
         averages = self._buffers.setdefault("vasso_average", {})
         new_average: list[tuple[list[Tensor], list[Tensor]]] = []
         for _, ops, params, grads, _ in self._plan():
@@ -796,6 +800,7 @@ class LookSAM(_VariantSAM):
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep the clean gradient (in the :math:`g_v` buffer), then perturb as SAM does."""
         if not self.is_perturbed:
+            self._centralize_clean_gradients()
             self._pending = set()
             for _, _, params, grads, _ in self._plan():
                 torch._foreach_copy_([self._buffer("looksam_gv", p) for p in params], grads)
@@ -970,7 +975,9 @@ class MomentumSAM(_VariantSAM):
         params, base_optimizer, **options: as :class:`~sam_torch.SAM`
             (:class:`~sam_torch.MomentumSAMOptions`: no ``adaptive``/``eta``; ``sam_eps`` is
             added to the momentum norm); the base optimizer must keep a momentum
-            (``SGD(momentum>0)``, ``Adam``, ``AdamW``, ...).
+            (``SGD(momentum>0)``, ``Adam``, ``AdamW``, ...). There is no clean gradient:
+            ``gc=True`` centralizes the direction :math:`v` (a copy; the momentum buffer is
+            left alone) before the perturbation is formed from it.
         rho: length of the perturbation, :math:`\rho \ge 0`.
 
     Cost: one pass per step and one extra element-wise pass over the parameters.
@@ -992,6 +999,13 @@ class MomentumSAM(_VariantSAM):
                     "form; use SAM(adaptive=True) or another variant for ASAM"
                 )
         super().__init__(params, base_optimizer, rho=rho, **options)
+        if type(self.base_optimizer).__name__ == "ZeroRedundancyOptimizer":
+            raise ValueError(
+                "MomentumSAM perturbs every parameter along its momentum, and "
+                "ZeroRedundancyOptimizer keeps each parameter's momentum only on the rank that "
+                "owns it; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) "
+                "instead, or use SAM, which needs no optimizer state to perturb"
+            )
         _check_keeps_momentum(self.base_optimizer)
         # The gradient at w + e is the step's only gradient: SAM's default policy ("clean",
         # the gradient the step is built from) means checking it here.
@@ -1019,7 +1033,11 @@ class MomentumSAM(_VariantSAM):
             for part in _by_device_and_dtype(params) if params else ():
                 device, dtype = part[0].device, part[0].dtype
                 ops = TorchOps(device, dtype, foreach=self._use_foreach(device))
-                plan.append((group, ops, part, [self._momentum(p) for p in part]))
+                velocity = [self._momentum(p) for p in part]
+                if self.gc:  # the direction is centralized, the momentum buffer left alone
+                    scratch = [self._buffer("msam_gc_direction", p, persistent=False) for p in part]
+                    velocity = sam_core.centralize(ops, velocity, out=scratch)
+                plan.append((group, ops, part, velocity))
         if not plan:
             if self.variant_step > 0:
                 raise RuntimeError(
