@@ -43,13 +43,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    original = variants_cost.optimizers
-    variants_cost.optimizers = lambda k: optimizers()  # the same runner over these rows
-    try:
-        results = variants_cost.torch_results(argparse.Namespace(k=1, **vars(args)))
-    finally:
-        variants_cost.optimizers = original
-    variants_cost.report(results)
+    ns = argparse.Namespace(k=1, **vars(args))
+    variants_cost.report(variants_cost.torch_results(ns, table=optimizers()))
 
 
 if __name__ == "__main__":
