@@ -206,7 +206,7 @@ class OptimizerSpec:
 
     @property
     def display(self) -> str:
-        base = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM"}.get(self.name, self.name)
+        base = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "bsam": "BSAM"}.get(self.name, self.name)
         return base if self.m is None else f"m-{base} (m={self.m})"
 
 
@@ -419,6 +419,9 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
         "noisy_fit": final["noisy_fit"],
         "clean_fit": final["clean_fit"],
         "max_noisy_fit": max((h["noisy_fit"] or 0.0) for h in history),
+        # Calibration of the final model (examples' loops; BSAM: its predictive's).
+        "final_test_ece": final.get("test_ece"),
+        "final_test_acc_calibrated": final.get("test_acc_calibrated"),
         "final_train_loss": final["train_loss"],
         "wall_s": round(wall, 1),
         "settings": {k: v for k, v in c.items() if k != "data_dir"},
@@ -545,8 +548,9 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
         )
         row["label"] = _label(rs[0])
         row["seeds"] = sorted(r["seed"] for r in rs)
-        for metric in ("final_test_acc", "best_test_acc", "noisy_fit", "clean_fit"):
-            vals = [r[metric] for r in rs if r[metric] is not None]
+        for metric in ("final_test_acc", "best_test_acc", "noisy_fit", "clean_fit",
+                       "final_test_ece"):
+            vals = [r.get(metric) for r in rs if r.get(metric) is not None]
             row[metric] = _mean_std(vals) if vals else None
         rows.append(row)
     order = {"sgd": 0, "sam": 1, "asam": 3}
@@ -715,15 +719,18 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "thread (JAX m-SAM with `m_sharpness_impl='vectorized'`, the faster form here; same "
         "numbers as the scan form). `rho 0.2, warm-up 5 ep`: rho ramped linearly from 0 over "
         "the first 5 epochs (`--rho-warmup-epochs`, `sam_torch.RhoWarmup` / "
-        "`sam_jax.rho_warmup_schedule`); without it, rho from the first step.",
+        "`sam_jax.rho_warmup_schedule`); without it, rho from the first step. `final ECE`: "
+        "expected calibration error (15 bins) of the final model's test probabilities "
+        "(BSAM: its predictive, the softmax averaged over 8 posterior samples); – where a "
+        "run predates the measure.",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"## {dataset}", "", f"Settings: {_settings_line(runs, dataset)}.", ""]
         lines += [
             "| noise | backend | optimizer | rho | seeds | final test acc | best test acc "
-            "| noisy_fit | clean_fit |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| noisy_fit | clean_fit | final ECE |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r["dataset"] == dataset):
             rho = _rho_text(r)
@@ -731,7 +738,8 @@ def write_report(results: dict[str, Any], out: Path) -> str:
                 f"| {round(100 * r['label_noise'])} % | {r['backend']} | {r['label']} | {rho} "
                 f"| {len(r['seeds'])} "
                 f"| {_pct(r['final_test_acc'])} | {_pct(r['best_test_acc'])} "
-                f"| {_pct(r['noisy_fit'])} | {_pct(r['clean_fit'])} |"
+                f"| {_pct(r['noisy_fit'])} | {_pct(r['clean_fit'])} "
+                f"| {_pct(r['final_test_ece'])} |"
             )
         if f"curves-{dataset}.png" in images:
             lines += ["", f"![learning curves](curves-{dataset}.png)"]
