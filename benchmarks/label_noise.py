@@ -103,7 +103,8 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # The best final accuracy of each form's sweep with the ramp (the report's sweep
         # table): SAM 0.2 and m-SAM 0.2 (0.1 leaves a quarter / a tenth of the noise
         # memorized, 0.3 is unstable across seeds, 0.4 does not train).
-        "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0},
+        # BSAM: rho 0.05 (its default), not swept; no ramp (NO_RHO_RAMP).
+        "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0, "bsam": 0.05},
         # Other noise levels (`--label-noise`): the more labels are flipped, the smaller the
         # loss gap between a classifier and the constant predictor, and the smaller the rho
         # at which SAM prefers the latter; each level's rho is the best of its own sweep
@@ -240,7 +241,7 @@ class RunSpec:
 
     def overrides(self) -> dict[str, Any]:
         values = dict(self.config)
-        if self.optimizer.name == "sgd":  # no rho to warm up
+        if self.optimizer.name in NO_RHO_RAMP:
             values.pop("rho_warmup_epochs", None)
         values.update(
             optimizer=self.optimizer.name,
@@ -268,9 +269,14 @@ class RunSpec:
         )
 
 
+#: Optimizers that run without the rho ramp: SGD has no rho; BSAM's ascent step rho g / s is
+#: scaled by its precision, not normalized, and was run without it.
+NO_RHO_RAMP = ("sgd", "bsam")
+
+
 def rho_warmup_of(run: dict[str, Any]) -> float:
-    """A run's rho warm-up in epochs (0 for SGD, and for records without the field)."""
-    if run["optimizer"] == "sgd":
+    """A run's rho warm-up in epochs (0 for SGD and BSAM, and for records without the field)."""
+    if run["optimizer"] in NO_RHO_RAMP:
         return 0.0
     return round(float(run.get("rho_warmup_epochs") or 0.0), 6)
 
@@ -500,7 +506,9 @@ def in_grid(run: dict[str, Any]) -> bool:
     if run["optimizer"] == "sgd":
         return True
     key = OptimizerSpec(run["optimizer"], run["m_sharpness"]).rho_key
-    warmup = float(settings["config"].get("rho_warmup_epochs", 0.0))
+    warmup = 0.0 if run["optimizer"] in NO_RHO_RAMP else float(
+        settings["config"].get("rho_warmup_epochs", 0.0)
+    )
     chosen = rho_for(settings, key, run["label_noise"])
     return (
         chosen is not None
@@ -721,8 +729,9 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "the first 5 epochs (`--rho-warmup-epochs`, `sam_torch.RhoWarmup` / "
         "`sam_jax.rho_warmup_schedule`); without it, rho from the first step. `final ECE`: "
         "expected calibration error (15 bins) of the final model's test probabilities "
-        "(BSAM: its predictive, the softmax averaged over 8 posterior samples); – where a "
-        "run predates the measure.",
+        "(BSAM: its predictive, the softmax averaged over 8 posterior samples, whose accuracy "
+        "is `final_test_acc_calibrated` in `results.json`; BSAM's `final test acc` is its "
+        "posterior mean's); – where a run predates the measure.",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
