@@ -106,7 +106,8 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # table): SAM 0.2 and m-SAM 0.2 (0.1 leaves a quarter / a tenth of the noise
         # memorized, 0.3 is unstable across seeds, 0.4 does not train).
         "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0, "everyk": 0.2, "looksam": 0.1,
-                "msam": 0.3},
+                "msam": 0.3, "bsam": 0.05},
+        # BSAM: rho 0.05 (its default), not swept; no ramp (NO_RHO_RAMP).
         # A form's own knobs in the grid (--k / --alpha): LookSAM's alpha from its sweep at
         # rho 0.1 (the paper's 0.7 stays near the constant predictor here, docs/variants.md)
         "form_options": {"looksam": {"alpha": 0.3}},
@@ -215,6 +216,7 @@ class OptimizerSpec:
         base = {
             "sgd": "SGD", "sam": "SAM", "asam": "ASAM", "looksam": "LookSAM",
             "everyk": "every-k SAM", "msam": "Momentum-SAM", "gsam": "GSAM",
+            "bsam": "BSAM",
         }.get(self.name, self.name)
         return base if self.m is None else f"m-{base} (m={self.m})"
 
@@ -251,7 +253,7 @@ class RunSpec:
         from examples.cli import FORM_OPTIONS
 
         values = dict(self.config)
-        if self.optimizer.name == "sgd":  # no rho to warm up
+        if self.optimizer.name in NO_RHO_RAMP:
             values.pop("rho_warmup_epochs", None)
         for flag, forms in FORM_OPTIONS.items():  # --set k=..., alpha=...: the forms' own
             if self.optimizer.name not in forms:
@@ -300,11 +302,14 @@ def form_options(optimizer: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def _options_text(options: dict[str, Any] | None) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted((options or {}).items()))
+#: Optimizers that run without the rho ramp: SGD has no rho; BSAM's ascent step rho g / s is
+#: scaled by its precision, not normalized, and was run without it.
+NO_RHO_RAMP = ("sgd", "bsam")
 
 
 def rho_warmup_of(run: dict[str, Any]) -> float:
-    """A run's rho warm-up in epochs (0 for SGD, and for records without the field)."""
-    if run["optimizer"] == "sgd":
+    """A run's rho warm-up in epochs (0 for SGD and BSAM, and for records without the field)."""
+    if run["optimizer"] in NO_RHO_RAMP:
         return 0.0
     return round(float(run.get("rho_warmup_epochs") or 0.0), 6)
 
@@ -461,6 +466,9 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
         "noisy_fit": final["noisy_fit"],
         "clean_fit": final["clean_fit"],
         "max_noisy_fit": max((h["noisy_fit"] or 0.0) for h in history),
+        # Calibration of the final model (examples' loops; BSAM: its predictive's).
+        "final_test_ece": final.get("test_ece"),
+        "final_test_acc_calibrated": final.get("test_acc_calibrated"),
         "final_train_loss": final["train_loss"],
         "wall_s": round(wall, 1),
         # the epochs' time (training, JAX compilation and the per-epoch evaluation), without
@@ -572,7 +580,9 @@ def in_grid(run: dict[str, Any]) -> bool:
     if (run.get("form_options") or {}) != settings.get("form_options", {}).get(label, {}):
         return False  # a knob sweep's run
     key = OptimizerSpec(run["optimizer"], run["m_sharpness"]).rho_key
-    warmup = float(settings["config"].get("rho_warmup_epochs", 0.0))
+    warmup = 0.0 if run["optimizer"] in NO_RHO_RAMP else float(
+        settings["config"].get("rho_warmup_epochs", 0.0)
+    )
     chosen = rho_for(settings, key, run["label_noise"])
     return (
         chosen is not None
@@ -622,8 +632,9 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
         )
         row["label"] = _label(rs[0])
         row["seeds"] = sorted(r["seed"] for r in rs)
-        for metric in ("final_test_acc", "best_test_acc", "noisy_fit", "clean_fit"):
-            vals = [r[metric] for r in rs if r[metric] is not None]
+        for metric in ("final_test_acc", "best_test_acc", "noisy_fit", "clean_fit",
+                       "final_test_ece"):
+            vals = [r.get(metric) for r in rs if r.get(metric) is not None]
             row[metric] = _mean_std(vals) if vals else None
         row["form_options"] = dict(row["form_options"])
         passes = [r["passes_per_step"] for r in rs if r.get("passes_per_step") is not None]
@@ -811,15 +822,20 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "whose runs share the machine with each other (`--jobs` at a time) and with "
         "whatever else runs there (–: a run recorded before these fields, or without SGD "
         "in its invocation). A form's own knobs (`--set k=...,alpha=...`) are in brackets "
-        "where they are not its defaults.",
+        "where they are not its defaults. "
+        "`final ECE`: "
+        "expected calibration error (15 bins) of the final model's test probabilities "
+        "(BSAM: its predictive, the softmax averaged over 8 posterior samples, whose accuracy "
+        "is `final_test_acc_calibrated` in `results.json`; BSAM's `final test acc` is its "
+        "posterior mean's); – where a run predates the measure.",
         "",
     ]
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"## {dataset}", "", f"Settings: {_settings_line(runs, dataset)}.", ""]
         lines += [
             "| noise | backend | optimizer | rho | seeds | final test acc | best test acc "
-            "| noisy_fit | clean_fit | passes/step | time / SGD |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| noisy_fit | clean_fit | final ECE | passes/step | time / SGD |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r["dataset"] == dataset):
             rho = _rho_text(r)
@@ -827,7 +843,8 @@ def write_report(results: dict[str, Any], out: Path) -> str:
                 f"| {round(100 * r['label_noise'])} % | {r['backend']} | {r['label']} | {rho} "
                 f"| {len(r['seeds'])} "
                 f"| {_pct(r['final_test_acc'])} | {_pct(r['best_test_acc'])} "
-                f"| {_pct(r['noisy_fit'])} | {_pct(r['clean_fit'])} | {_cost(r)} |"
+                f"| {_pct(r['noisy_fit'])} | {_pct(r['clean_fit'])} "
+                f"| {_pct(r['final_test_ece'])} | {_cost(r)} |"
             )
         if f"curves-{dataset}.png" in images:
             lines += ["", f"![learning curves](curves-{dataset}.png)"]

@@ -254,7 +254,10 @@ def main() -> None:
 
 
 def torch_results(
-    args: argparse.Namespace, on_block: Callable[[], Any] | None = None, quiet: bool = False
+    args: argparse.Namespace,
+    on_block: Callable[[], Any] | None = None,
+    quiet: bool = False,
+    table: dict[str, Callable[[nn.Module], Any]] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Median seconds per step and closure calls per step of each torch optimizer.
 
@@ -274,7 +277,8 @@ def torch_results(
             f"model: BN conv net, {n_params} params, batch {args.batch}x3x32x32, "
             f"{args.threads} thread(s), torch {torch.__version__}"
         )
-    runners = {name: Runner(model, make, x, y) for name, make in optimizers(args.k).items()}
+    rows = optimizers(args.k) if table is None else table  # `table`: other rows, same timing
+    runners = {name: Runner(model, make, x, y) for name, make in rows.items()}
     for runner in runners.values():  # warm-up: allocations, buffers, momentum
         runner.block(args.steps)
         runner.calls = 0

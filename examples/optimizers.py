@@ -72,11 +72,28 @@ def _torch_sam(adaptive: bool) -> Callable[[Any, Any], Any]:
     return build
 
 
+def _torch_bsam(model_or_params: Any, args: Any) -> Any:
+    """Bayesian SAM (its own Adam-like optimizer): ``lr``, ``rho``, ``weight_decay`` (the
+    prior precision) from the arguments, ``betas=(momentum, 0.999)``, ``num_data`` set by the
+    training loop (the training set's size)."""
+    import sam_torch
+
+    num_data = getattr(args, "num_data", None)
+    if num_data is None:
+        raise ValueError("bsam needs args.num_data, the number of training examples")
+    model = model_or_params if hasattr(model_or_params, "parameters") else None
+    return sam_torch.BSAM(
+        _params(model_or_params), num_data=num_data, lr=args.lr, betas=(args.momentum, 0.999),
+        rho=args.rho, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), model=model,
+    )
+
+
 #: name -> ``build(model_or_params, args)`` returning a ``torch.optim.Optimizer``.
 TORCH_OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
     "sgd": _torch_sgd,
     "sam": _torch_sam(adaptive=False),
     "asam": _torch_sam(adaptive=True),
+    "bsam": _torch_bsam,
 }
 
 

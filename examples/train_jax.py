@@ -50,6 +50,7 @@ from flax import serialization
 from tqdm import tqdm
 
 import sam_jax
+from examples.calibration import expected_calibration_error
 from examples.cli import (
     check_chunks,
     end_epoch,
@@ -189,6 +190,33 @@ def _model(dataset: str, depth: int, width: int, num_classes: int) -> Any:
     from examples.wrn_flax import WideResNet
 
     return WideResNet(depth, width, num_classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _proba_fn(dataset: str, depth: int, width: int, num_classes: int) -> Any:
+    """Jitted ``(params, batch_stats, x) -> softmax probabilities`` in eval mode."""
+    model = _model(dataset, depth, width, num_classes)
+
+    @jax.jit
+    def proba(params: Any, batch_stats: Any, x: jax.Array) -> Any:
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        return jax.nn.softmax(logits.astype(jnp.float32))
+
+    return proba
+
+
+def calibration(state: TrainState, split: Split, args: Any, num_classes: int) -> dict[str, float]:
+    """``test_ece`` (:func:`examples.calibration.expected_calibration_error`) of the model's
+    softmax on ``split`` and the accuracy of the same probabilities."""
+    proba = _proba_fn(args.dataset, args.depth, args.width, num_classes)
+    probs = np.concatenate([
+        np.asarray(proba(state.params, state.batch_stats, jnp.asarray(x)), np.float64)
+        for x, _ in batches(split, args.eval_batch_size, dataset=args.dataset)
+    ])
+    return {
+        "test_ece": expected_calibration_error(probs, split.labels),
+        "test_acc_calibrated": float((probs.argmax(1) == split.labels).mean()),
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -383,7 +411,11 @@ def train(
             "epoch_time_s": round(time.perf_counter() - started, 3),
             "passes": passes,
             "passes_per_step": passes / steps,
+            "test_ece": None,  # the final epoch's: the final model's calibration
+            "test_acc_calibrated": None,
         }
+        if epoch + 1 == config.epochs:
+            metrics.update(calibration(state, data.test, config, data.num_classes))
 
         def save(path: Path, epoch: int = epoch, state: TrainState = state) -> None:
             with open(path, "wb") as f:

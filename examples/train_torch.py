@@ -28,6 +28,7 @@ function of ``(seed, epoch)``).
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 import sam_core
 import sam_torch
+from examples.calibration import expected_calibration_error
 from examples.cli import (
     check_chunks,
     end_epoch,
@@ -110,6 +112,33 @@ def predict(model: torch.nn.Module, split: Split, args: Any, device: torch.devic
     return np.concatenate(out)
 
 
+#: Posterior samples BSAM's predictive averages for the final calibration.
+BSAM_SAMPLES = 8
+
+
+def calibration(
+    model: torch.nn.Module, optimizer: Any, split: Split, args: Any, device: torch.device
+) -> dict[str, float]:
+    """``test_ece`` (:func:`examples.calibration.expected_calibration_error`) and the accuracy
+    of the same probabilities: the softmax of the model, or BSAM's predictive (softmax
+    averaged over :data:`BSAM_SAMPLES` posterior samples, the same samples for every batch)."""
+    model.eval()
+    probs = []
+    with torch.no_grad():
+        for x, _ in batches(split, args.eval_batch_size, dataset=args.dataset):
+            xt = torch.from_numpy(to_nchw(x)).to(device)
+            if isinstance(optimizer, sam_torch.BSAM):
+                p = sam_torch.predictive(model, optimizer, xt, samples=BSAM_SAMPLES, seed=args.seed)
+            else:
+                p = model(xt).softmax(-1)
+            probs.append(p.double().cpu().numpy())
+    stacked = np.concatenate(probs)
+    return {
+        "test_ece": expected_calibration_error(stacked, split.labels),
+        "test_acc_calibrated": float((stacked.argmax(1) == split.labels).mean()),
+    }
+
+
 def train(
     config: Any, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
@@ -150,7 +179,9 @@ def train_model(
     vectorize: bool | str = {"auto": "auto", "loop": False, "vectorized": True}[impl]
 
     model = build_model(config, data).to(device)
-    optimizer = make_torch_optimizer(config.optimizer, model, config)
+    opt_config = copy.copy(config)
+    opt_config.num_data = len(train_split)  # BSAM's posterior needs it
+    optimizer = make_torch_optimizer(config.optimizer, model, opt_config)
     two_pass = hasattr(optimizer, "first_step")
     one_pass = isinstance(optimizer, sam_torch.MomentumSAM) and m is None
     rho_warmup = rho_warmup_steps(config, steps_per_epoch)
@@ -221,7 +252,21 @@ def train_model(
                     group["rho"] = rho
             xt = torch.from_numpy(to_nchw(x)).to(device)
             yt = torch.from_numpy(y).to(device)
-            if m is not None:
+            if isinstance(optimizer, sam_torch.BSAM):  # both passes through step(closure)
+                seen_logits: list[torch.Tensor] = []
+
+                def closure(
+                    xt: torch.Tensor = xt, yt: torch.Tensor = yt, seen_logits: list = seen_logits
+                ) -> torch.Tensor:
+                    out = model(xt)
+                    seen_logits.append(out.detach())  # the first: at the posterior sample
+                    batch_loss = loss_fn(out, yt)
+                    batch_loss.backward()
+                    return batch_loss
+
+                loss = optimizer.step(closure)
+                correct += int((seen_logits[0].argmax(1) == yt).sum())
+            elif m is not None:
                 loss = sam_torch.m_sharpness_step(
                     optimizer, model, chunk_loss, (xt, yt), m=m, vectorize=vectorize
                 )
@@ -284,7 +329,11 @@ def train_model(
             "epoch_time_s": round(time.perf_counter() - started, 3),
             "passes": passes,
             "passes_per_step": passes / steps,
+            "test_ece": None,  # the final epoch's: the final model's calibration
+            "test_acc_calibrated": None,
         }
+        if epoch + 1 == config.epochs:  # BSAM: from its predictive
+            metrics.update(calibration(model, optimizer, data.test, config, device))
         if end_epoch(
             history, metrics, config, progress=progress, out=out, checkpoint=CHECKPOINT,
             save=lambda path, epoch=epoch: torch.save(

@@ -4,6 +4,17 @@ Backends (``sam_torch``, ``sam_jax``) adapt these functions through an
 :class:`ArrayListOps` adapter; :class:`NumpyOps` is the float64 reference.
 """
 
+from sam_core._asam import perturbed_params_mixed
+from sam_core._bsam import (
+    bsam_momentum_update,
+    bsam_noise_std,
+    bsam_perturbation,
+    bsam_precision_update,
+    bsam_sample,
+    bsam_step,
+    validate_bsam,
+)
+from sam_core._gc import centralize, centralized_axes
 from sam_core._math import (
     apply_perturbation,
     direction_and_sq_norm,
@@ -56,6 +67,14 @@ __all__ = [
     "NumpyOps",
     "__version__",
     "apply_perturbation",
+    "bsam_momentum_update",
+    "bsam_noise_std",
+    "bsam_perturbation",
+    "bsam_precision_update",
+    "bsam_sample",
+    "bsam_step",
+    "centralize",
+    "centralized_axes",
     "check_bool",
     "check_nonnegative",
     "check_positive",
@@ -77,9 +96,11 @@ __all__ = [
     "perturbation",
     "perturbation_scale",
     "perturbed_params",
+    "perturbed_params_mixed",
     "projection_coefficient",
     "proportional_rho",
     "rho_warmup",
+    "validate_bsam",
     "validate_friendly_sam",
     "validate_gsam",
     "validate_interval",

@@ -64,6 +64,13 @@ class ArrayListOps(Protocol[A, S]):  # pragma: no cover - a protocol has no body
         """``s * x`` for each array."""
         ...
 
+    def subtract_mean(
+        self, xs: Sequence[A], axes: Sequence[tuple[int, ...]], out: Sequence[A] | None = None
+    ) -> list[A]:
+        """``x - x.mean(axes, keepdims=True)`` for each array and its tuple of axes (``x``
+        unchanged where the tuple is empty); the mean accumulates in at least float32."""
+        ...
+
 
 class NumpyOps:
     """Float64 NumPy adapter: slow, obviously correct, and the tests' oracle.
@@ -101,3 +108,11 @@ class NumpyOps:
 
     def scale(self, xs: Sequence[Any], s: Any, out: Any = None) -> list[np.ndarray]:
         return [np.float64(s) * x for x in self._f64(xs)]
+
+    def subtract_mean(
+        self, xs: Sequence[Any], axes: Sequence[tuple[int, ...]], out: Any = None
+    ) -> list[np.ndarray]:
+        return [
+            x - x.mean(axis=ax, keepdims=True) if ax else x
+            for x, ax in zip(self._f64(xs), axes, strict=True)
+        ]

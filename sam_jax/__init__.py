@@ -5,6 +5,8 @@
 """
 
 from sam_core import __version__
+from sam_jax._asam import asam_mask
+from sam_jax._bsam import BSAMState, bsam, bsam_noise, predictive
 from sam_jax._chain import check_chain
 from sam_jax._grad_fn import FullParamsGradFn, with_full_params
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
@@ -33,6 +35,7 @@ from sam_jax._variants import (
 )
 
 __all__ = [
+    "BSAMState",
     "EveryKSAMState",
     "FriendlySAMState",
     "FullParamsGradFn",
@@ -45,6 +48,9 @@ __all__ = [
     "VaSSOState",
     "WSAMState",
     "__version__",
+    "asam_mask",
+    "bsam",
+    "bsam_noise",
     "check_chain",
     "chunk_batch",
     "every_k_sam",
@@ -54,6 +60,7 @@ __all__ = [
     "m_sharpness_update",
     "momentum_sam",
     "normalization_mask",
+    "predictive",
     "proportional_rho_schedule",
     "rho_warmup_schedule",
     "sam",

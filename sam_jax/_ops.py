@@ -67,3 +67,14 @@ class JaxOps:
             acc = jnp.result_type(accumulation_dtype(x.dtype), jnp.asarray(s).dtype)
             res.append((x.astype(acc) * jnp.asarray(s, acc)).astype(x.dtype))
         return res
+
+    def subtract_mean(self, xs: Sequence[Any], axes: Sequence[tuple[int, ...]], out: Any = None) -> list[Any]:
+        res = []
+        for x, ax in zip(xs, axes, strict=True):
+            if not ax:
+                res.append(x)
+                continue
+            acc = accumulation_dtype(x.dtype)
+            mean = jnp.mean(x.astype(acc), axis=ax, keepdims=True)
+            res.append((x.astype(acc) - mean).astype(x.dtype))
+        return res

@@ -8,7 +8,7 @@ down the chain, where the base optimizer applies it at :math:`w`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -88,11 +88,12 @@ def _split_grad_fn_output(output: Any, params_treedef: Any) -> tuple[Any, Any]:
 def sam(
     rho: float | jax.Array = 0.05,
     *,
-    adaptive: bool = False,
+    adaptive: bool | Any = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
     axis_name: str | None = None,
     m_sharpness: bool = False,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization (SAM) and Adaptive SAM (ASAM) as an Optax transformation.
 
@@ -137,7 +138,11 @@ def sam(
     Args:
         rho: radius of the neighbourhood, :math:`\rho \ge 0`. May be scheduled with
             ``optax.inject_hyperparams(sam_jax.sam)(rho=schedule)``.
-        adaptive: ASAM's scale-invariant neighbourhood (static).
+        adaptive: ASAM's scale-invariant neighbourhood (static): a bool for every leaf, or
+            a tree of Python bools like ``params`` (or a callable ``params -> tree``) that
+            makes only the True leaves adaptive, the others plain SAM, under one norm
+            (:func:`sam_core.perturbed_params_mixed`; the official ASAM recipe is
+            ``adaptive=sam_jax.asam_mask``).
         eta: ASAM's offset in :math:`T_w = |w| + \eta`, :math:`\eta \ge 0` (0.01 in the
             official ASAM code).
         eps: added to the norm, :math:`\epsilon > 0`; a zero gradient gives a zero
@@ -148,6 +153,10 @@ def sam(
             ``m_sharpness``; the perturbed-point gradient and loss are always ``pmean``'d.
         m_sharpness: with ``axis_name``, perturb each replica with its *local* gradient
             (the m-sharpness of the SAM paper, :math:`m` = the per-replica batch size).
+        gc: gradient centralization (Yong et al., ECCV 2020; ``pytorch_optimizer``'s GCSAM,
+            static): the perturbation is formed from the clean gradient with each leaf of
+            two or more dimensions centralized, ``g - g.mean(axis=(1, ..., n-1),
+            keepdims=True)`` (one-dimensional leaves unchanged; :func:`sam_core.centralize`).
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose
@@ -173,8 +182,12 @@ def sam(
             complex), a ``grad_fn`` gradient of another dtype than ``updates``, or a plain
             ``grad_fn`` inside ``optax.masked`` / ``optax.partition``.
     """
-    sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    # A tree of bools (a container or a callable building one) makes ASAM per leaf; any
+    # other non-bool is an error, as before.
+    mask = adaptive if callable(adaptive) or isinstance(adaptive, Mapping | list | tuple) else None
+    sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=mask is not None or adaptive)
     sam_core.check_bool("m_sharpness", m_sharpness)
+    sam_core.check_bool("gc", gc)
     if axis_name is not None and not isinstance(axis_name, str):
         raise TypeError(
             f"axis_name must be a string naming a mapped axis or None, got "
@@ -245,8 +258,14 @@ def sam(
         def perturb(p_leaves: list[Any], g_leaves: list[Any]) -> tuple[list[Any], Any]:
             if axis_name is not None and not m_sharpness:
                 g_leaves = jax.lax.pmean(g_leaves, axis_name=axis_name)
-            return sam_core.perturbed_params(
-                ops, p_leaves, g_leaves, rho=rho, adaptive=adaptive, eta=eta, eps=eps
+            clean = sam_core.centralize(ops, g_leaves) if gc else g_leaves
+            if mask is None:
+                return sam_core.perturbed_params(
+                    ops, p_leaves, clean, rho=rho, adaptive=adaptive, eta=eta, eps=eps
+                )
+            return sam_core.perturbed_params_mixed(
+                ops, p_leaves, clean, _mask_leaves(mask, params, p_treedef), rho=rho, eta=eta,
+                eps=eps,
             )
 
         if isinstance(grad_fn, PerturbationProbe):  # m_sharpness_update asks for the rule
@@ -309,6 +328,24 @@ def _check_like(new_leaves: list[Any], g_leaves: list[Any]) -> None:
                 "with respect to the params argument (jax.grad casts nothing), or cast in "
                 "grad_fn: jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)."
             )
+
+
+def _mask_leaves(mask: Any, params: Any, treedef: Any) -> list[bool]:
+    """The per-leaf ``adaptive`` flags from a tree of bools (or a callable building one)."""
+    tree = mask(params) if callable(mask) else mask
+    flags, mask_def = jax.tree.flatten(tree)
+    if mask_def != treedef:
+        raise ValueError(
+            f"adaptive, given as a tree of bools, must have the structure of params, got "
+            f"{mask_def} for params {treedef}; build it with sam_jax.asam_mask(params)"
+        )
+    for f in flags:
+        if not isinstance(f, bool):
+            raise TypeError(
+                "adaptive, given as a tree, must hold Python bools (a static choice per leaf), "
+                f"got {type(f).__name__}"
+            )
+    return flags
 
 
 def _check_floating(leaves: list[Any]) -> None:

@@ -21,6 +21,13 @@ factory           what changes                                  grad_fn calls / 
 ``every_k_sam``   SAM every k steps, clean gradient otherwise    1/k (+ the clean pass)
 ``momentum_sam``  perturb against a momentum trace, no clean g   1 (no clean pass)
 ================  ============================================  ======================
+
+Every factory takes ``gc=False``: with ``gc=True`` the clean gradient is centralized
+(:func:`sam_core.centralize`, gradient centralization as ``pytorch_optimizer``'s GCSAM)
+before the perturbation is formed from it, as in :func:`sam_jax.sam`; LookSAM's reuse
+steps and every-k SAM's plain steps form no perturbation and pass ``updates`` unchanged,
+and ``momentum_sam``, which has no clean gradient, centralizes the trace direction it
+perturbs along (the trace itself is left alone).
 """
 
 from __future__ import annotations
@@ -214,6 +221,11 @@ def _flatten_pair(name: str, updates: Any, params: Any) -> tuple[list[Any], list
     return p_leaves, g_leaves, treedef
 
 
+def _clean_gradient(g: list[Any], gc: bool) -> list[Any]:
+    """The clean gradient the perturbation is formed from: centralized with ``gc=True``."""
+    return sam_core.centralize(_OPS, g) if gc else g
+
+
 def _evaluate(
     grad_fn: GradFn, treedef: Any, point: Sequence[Any], like: Sequence[Any], dtype: Any
 ) -> tuple[list[Any], jax.Array]:
@@ -315,6 +327,7 @@ def gsam(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Surrogate Gap guided SAM (GSAM) as the first transformation of an Optax chain.
 
@@ -340,6 +353,7 @@ def gsam(
         eps: :math:`\epsilon > 0` added to norms.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
     sam_core.validate_gsam(alpha=alpha)
 
     def init_fn(params: optax.Params) -> GSAMState:
@@ -357,6 +371,7 @@ def gsam(
         del extra_args
         _check_call("gsam", params, grad_fn)
         p, g, treedef = _flatten_pair("gsam", updates, params)
+        g = _clean_gradient(g, gc)
         dtype = _state_dtype(p)
         point, norm = sam_core.perturbed_params(
             _OPS, p, g, rho=rho, adaptive=adaptive, eta=eta, eps=eps
@@ -477,6 +492,7 @@ def wsam(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
     base: optax.GradientTransformation | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -501,6 +517,7 @@ def wsam(
     Regularization Term", KDD 2023 (official default ``gamma=0.88``).
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
     sam_core.validate_wsam(gamma=gamma)
     if (base is None) != (learning_rate is None):
         raise ValueError(
@@ -525,6 +542,7 @@ def wsam(
     ) -> tuple[optax.Updates, WSAMState]:
         _check_call("wsam", params, grad_fn)
         p, g, treedef = _flatten_pair("wsam", updates, params)
+        g = _clean_gradient(g, gc)
         dtype = _state_dtype(p)
         point, norm = sam_core.perturbed_params(
             _OPS, p, g, rho=rho, adaptive=adaptive, eta=eta, eps=eps
@@ -534,7 +552,9 @@ def wsam(
         if decoupled:
             if value is not None:
                 extra_args = {**extra_args, "value": value}
-            base_updates, base_state = base.update(updates, base_state, params, **extra_args)
+            base_updates, base_state = base.update(
+                jax.tree.unflatten(treedef, g), base_state, params, **extra_args
+            )
             lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
             sharp = sam_core.wsam_sharpness(_OPS, g, g_s)
             scale = -jnp.asarray(lr, dtype) * sam_core.wsam_weight(jnp.asarray(gamma, dtype))
@@ -596,6 +616,7 @@ def samon(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SAM-ON: (A)SAM perturbing only the normalization layers' parameters.
 
@@ -614,6 +635,7 @@ def samon(
         adaptive, eta, eps: as :func:`sam_jax.sam`.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
 
     def init_fn(params: optax.Params) -> SAMONState:
         return SAMONState(**_init_fields(params))
@@ -630,6 +652,7 @@ def samon(
         del extra_args
         _check_call("samon", params, grad_fn)
         p, g, treedef = _flatten_pair("samon", updates, params)
+        g = _clean_gradient(g, gc)
         tree = mask(params) if callable(mask) else mask
         flags, mask_def = jax.tree.flatten(tree)
         if mask_def != treedef:
@@ -684,6 +707,7 @@ def friendly_sam(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""FriendlySAM: perturb along the gradient minus its moving average.
 
@@ -698,6 +722,7 @@ def friendly_sam(
     ``lmbda=0.9``).
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
     sam_core.validate_friendly_sam(sigma=sigma, lmbda=lmbda)
 
     def init_fn(params: optax.Params) -> FriendlySAMState:
@@ -717,6 +742,7 @@ def friendly_sam(
         del extra_args
         _check_call("friendly_sam", params, grad_fn)
         p, g, treedef = _flatten_pair("friendly_sam", updates, params)
+        g = _clean_gradient(g, gc)
         dtype = _state_dtype(p)
         m = jax.tree.leaves(state.momentum)
         first = state.count == 0
@@ -771,6 +797,7 @@ def vasso(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""VaSSO: perturb along a moving average of the clean gradients.
 
@@ -784,6 +811,7 @@ def vasso(
     Suppression", NeurIPS 2023 (official default ``theta=0.9``).
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
     sam_core.validate_vasso(theta=theta)
 
     def init_fn(params: optax.Params) -> VaSSOState:
@@ -801,6 +829,7 @@ def vasso(
         del extra_args
         _check_call("vasso", params, grad_fn)
         p, g, treedef = _flatten_pair("vasso", updates, params)
+        g = _clean_gradient(g, gc)
         dtype = _state_dtype(p)
         m = jax.tree.leaves(state.average)
         # First step: m = g (theta acts as 1).
@@ -829,6 +858,7 @@ def looksam(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM: a full SAM step every ``k`` updates, the stored direction reused between.
 
@@ -854,6 +884,7 @@ def looksam(
     ``lax.cond`` version slower than SAM.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
     k = _check_k(k)
     sam_core.check_unit_interval("alpha", alpha)
 
@@ -882,11 +913,12 @@ def looksam(
         g_v_old = jax.tree.leaves(state.g_v)
 
         def full(_: Any) -> tuple[Any, ...]:
+            g_c = _clean_gradient(g, gc)  # reuse steps form no perturbation: g as it is
             point, norm = sam_core.perturbed_params(
-                _OPS, p, g, rho=rho, adaptive=adaptive, eta=eta, eps=eps
+                _OPS, p, g_c, rho=rho, adaptive=adaptive, eta=eta, eps=eps
             )
             g_s, p_value = _evaluate(grad_fn, treedef, point, g, dtype)
-            g_v, gv_norm = sam_core.looksam_direction(_OPS, g, g_s, eps=eps)
+            g_v, gv_norm = sam_core.looksam_direction(_OPS, g_c, g_s, eps=eps)
             g_v = [x.astype(y.dtype) for x, y in zip(g_v, g_v_old, strict=True)]
             fields = _step_fields(state, norm, p_value, value, dtype)
             return g_s, g_v, jnp.asarray(gv_norm).astype(dtype), fields
@@ -914,6 +946,7 @@ def every_k_sam(
     adaptive: bool = False,
     eta: float | jax.Array = 0.01,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SAM on one update in ``k``, the clean gradient passed through otherwise.
 
@@ -925,6 +958,7 @@ def every_k_sam(
     (``full_step = (step + 1) % k == 0``), which is the fast form on CPU.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
     k = _check_k(k)
 
     def init_fn(params: optax.Params) -> EveryKSAMState:
@@ -947,7 +981,7 @@ def every_k_sam(
 
         def full(_: Any) -> tuple[Any, ...]:
             point, norm = sam_core.perturbed_params(
-                _OPS, p, g, rho=rho, adaptive=adaptive, eta=eta, eps=eps
+                _OPS, p, _clean_gradient(g, gc), rho=rho, adaptive=adaptive, eta=eta, eps=eps
             )
             g_s, p_value = _evaluate(grad_fn, treedef, point, g, dtype)
             return g_s, _step_fields(state, norm, p_value, value, dtype)
@@ -968,6 +1002,7 @@ def momentum_sam(
     *,
     momentum: float | jax.Array = 0.9,
     eps: float | jax.Array = 1e-12,
+    gc: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Momentum-SAM (MSAM): one gradient per step, taken against the momentum direction.
 
@@ -996,6 +1031,7 @@ def momentum_sam(
         eps: :math:`\epsilon > 0` added to the momentum norm.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=0.0, adaptive=False)
+    sam_core.check_bool("gc", gc)
     sam_core.check_unit_interval("momentum", momentum, closed_right=False)
 
     def init_fn(params: optax.Params) -> MomentumSAMState:
@@ -1015,9 +1051,10 @@ def momentum_sam(
         p, treedef = jax.tree.flatten(params)
         dtype = _state_dtype(p)
         v = jax.tree.leaves(state.trace)
-        norm = sam_core.global_norm(_OPS, v)
+        direction = _clean_gradient(v, gc)  # no clean gradient: gc centralizes the direction
+        norm = sam_core.global_norm(_OPS, direction)
         scale = sam_core.momentum_sam_scale(rho, norm, eps)
-        point = sam_core.apply_perturbation(_OPS, p, v, scale)
+        point = sam_core.apply_perturbation(_OPS, p, direction, scale)
         g_s, p_value = _evaluate(grad_fn, treedef, point, p, dtype)
         trace = sam_core.apply_perturbation(_OPS, g_s, v, momentum)  # u + mu v
         trace = [x.astype(y.dtype) for x, y in zip(trace, v, strict=True)]

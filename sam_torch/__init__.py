@@ -6,10 +6,13 @@ is :mod:`sam_core`'s.
 
 from sam_core import __version__
 from sam_torch._amp import ScaledSAM
+from sam_torch._asam import asam_param_groups
 from sam_torch._bn import disable_running_stats, enable_running_stats
+from sam_torch._bsam import BSAM, predictive
 from sam_torch._distributed import clean_pass
 from sam_torch._msharpness import m_sharpness_step
 from sam_torch._ops import TorchOps
+from sam_torch._options import MomentumSAMOptions, SAMOptions
 from sam_torch._rng import RNGReplay
 from sam_torch._sam import SAM
 from sam_torch._variants import (
@@ -27,6 +30,7 @@ from sam_torch._variants import (
 )
 
 __all__ = [
+    "BSAM",
     "GSAM",
     "SAM",
     "SAMON",
@@ -35,16 +39,20 @@ __all__ = [
     "FriendlySAM",
     "LookSAM",
     "MomentumSAM",
+    "MomentumSAMOptions",
     "ProportionalRhoScheduler",
     "RNGReplay",
     "RhoWarmup",
+    "SAMOptions",
     "ScaledSAM",
     "TorchOps",
     "VaSSO",
     "__version__",
+    "asam_param_groups",
     "clean_pass",
     "disable_running_stats",
     "enable_running_stats",
     "m_sharpness_step",
     "normalization_parameters",
+    "predictive",
 ]

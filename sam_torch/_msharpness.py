@@ -195,6 +195,13 @@ def m_sharpness_step(
     if vectorize == "auto":
         device = _device_of(optimizer)
         use_vmap = _AUTO_VECTORIZE.get(device.type, True) and model not in _NOT_VECTORIZABLE
+    if optimizer.gc:  # first_step centralizes each chunk's clean gradient: the loop
+        if vectorize is True:
+            raise ValueError(
+                "m_sharpness_step(vectorize=True) does not centralize gradients (the optimizer "
+                "has gc=True); use vectorize=False or 'auto' (the loop over chunks)"
+            )
+        use_vmap = False
     if use_vmap:
         try:
             return _vectorized_step(optimizer, model, loss_fn, batch, k, m, chunk_size)

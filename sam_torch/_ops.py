@@ -232,6 +232,30 @@ class TorchOps:
             torch.mul(x, s.expand_as(x), out=o)
         return list(out)
 
+    def subtract_mean(
+        self,
+        xs: Sequence[Tensor],
+        axes: Sequence[tuple[int, ...]],
+        out: Sequence[Tensor] | None = None,
+    ) -> list[Tensor]:
+        # Per tensor: there is no multi-tensor mean; GC runs once per step on the gradients.
+        res = []
+        for i, (x, ax) in enumerate(zip(xs, axes, strict=True)):
+            o = None if out is None else out[i]
+            if not ax:
+                if o is not None and o is not x:
+                    o.copy_(x)
+                res.append(x if o is None else o)
+                continue
+            mean = x.mean(dim=ax, keepdim=True, dtype=self.acc_dtype)
+            if o is None:
+                res.append((x - mean).to(x.dtype))
+            elif self.acc_dtype == self.dtype:
+                res.append(torch.sub(x, mean, out=o))
+            else:  # half precision: subtract in float32, round once
+                res.append(o.copy_(x.to(self.acc_dtype) - mean))
+        return res
+
     def _constant(self, c: float | Tensor) -> float | Tensor:
         """``c`` as a 0-d CPU tensor of the parameters' dtype, made once per value and instance.
 

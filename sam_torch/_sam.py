@@ -89,7 +89,12 @@ class SAM(Optimizer):
             meta device are rejected (they hold no values).
         base_optimizer: an optimizer *class* (``torch.optim.SGD``, ``AdamW``, ...). It is
             built on SAM's param groups, which the two share, so LR schedulers attached to
-            SAM drive it. Its state (momentum, Adam moments) is SAM's state.
+            SAM drive it. Its state (momentum, Adam moments) is SAM's state. ZeRO-1:
+            ``SAM(params, ZeroRedundancyOptimizer, optimizer_class=torch.optim.AdamW,
+            lr=...)`` under DDP shards that state across ranks (the perturbation needs no
+            optimizer state, so SAM is unchanged); checkpoint with
+            :meth:`consolidate_state_dict` on every rank, then :meth:`state_dict` on the
+            target rank, and :meth:`load_state_dict` of that dict on every rank.
         rho: radius of the neighbourhood, :math:`\rho \ge 0`.
         adaptive: ASAM's scale-invariant neighbourhood.
         eta: ASAM's offset in :math:`T_w = |w| + \eta` (0.01 in the official code; 0
@@ -164,6 +169,12 @@ class SAM(Optimizer):
             ``step(closure)``, one closure call at :math:`w + e`) draws fresh masks, since
             its clean pass ran before ``step`` was called; the two-step API gets the same
             masks with :class:`RNGReplay`.
+        gc: gradient centralization (Yong et al., ECCV 2020), ``pytorch_optimizer``'s
+            GCSAM: ``first_step()`` first replaces each clean gradient of two or more
+            dimensions by :math:`g - \operatorname{mean}_{1..n-1}(g)` (``g - g.mean(dim=(1,
+            ..., n-1), keepdim=True)``, in place in ``.grad``; one-dimensional ones stay),
+            so the perturbation is formed from the centralized gradient
+            (:func:`sam_core.centralize`); the gradient at :math:`w + e` is left alone.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``eps``,
             ``maximize``, ...). With ``maximize=True`` the base optimizer ascends on
             :math:`L`, i.e. minimizes :math:`-L`, so SAM's ascent step is on :math:`-L`:
@@ -214,11 +225,13 @@ class SAM(Optimizer):
         skip_nonfinite: bool | Literal["clean", "both"] = "clean",
         max_consecutive_skips: int | None = None,
         dropout: Literal["same", "fresh"] = "same",
+        gc: bool = False,
         **base_kwargs: Any,
     ) -> None:
         sam_core.validate_sam(rho=rho, eps=sam_eps, eta=eta, adaptive=adaptive, eps_name="sam_eps")
         if not (isinstance(dropout, str) and dropout in ("same", "fresh")):
             raise ValueError(f"dropout must be 'same' or 'fresh', got {dropout!r}")
+        sam_core.check_bool("gc", gc)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"model must be a torch.nn.Module (its batch-norm layers are frozen during the "
@@ -261,6 +274,9 @@ class SAM(Optimizer):
                 "params is empty: SAM got no parameters to optimize; pass "
                 "model.parameters() of a model that has parameters, or a list of param groups"
             )
+        #: Gradient centralization of the clean gradient before perturbing (``gc=``).
+        self.gc = gc
+        self._gc_done = False  # the clean gradients of this step are centralized already
         #: The non-finite gradient policy as given (truthy unless ``False``).
         self.skip_nonfinite = skip_nonfinite
         self._check_perturbed = skip_nonfinite is True or skip_nonfinite == "both"
@@ -425,6 +441,7 @@ class SAM(Optimizer):
                 "first_step() was called twice without second_step(): the parameters already "
                 "hold w + e. Call second_step() (or restore()) before perturbing again."
             )
+        self._centralize_clean_gradients()
         plan = self._plan()
         self.step_skipped = False
         self._skip_base_step = False
@@ -437,6 +454,18 @@ class SAM(Optimizer):
         self._clean_loss = _detached(loss)
         if zero_grad:
             self.zero_grad()
+
+    def _centralize_clean_gradients(self) -> None:
+        """With ``gc=True``, centralize the clean gradients in ``.grad``, once per step.
+
+        Subclasses that read or copy the clean gradient before ``first_step`` perturbs call
+        it first; it runs once until the step ends (:meth:`restore`).
+        """
+        if not self.gc or self._perturbed or self._gc_done:
+            return
+        for _, ops, _, grads, _ in self._plan():
+            sam_core.centralize(ops, grads, out=grads)
+        self._gc_done = True
 
     def _perturb(self, plan: list[_GroupPlan]) -> None:
         if self._perturb_impl == "compiled" and self._compiled is not False:
@@ -622,6 +651,7 @@ class SAM(Optimizer):
         self._saved_swapped = []
         self._saved_copied = []
         self._perturbed = False
+        self._gc_done = False
         self._skip_base_step = False
         self._clean_finite = None
         self._perturbed_loss_finite = None
@@ -817,15 +847,36 @@ class SAM(Optimizer):
         not describe the model. Call ``second_step()`` or ``restore()`` first.
         """
         self._refuse_while_perturbed("state_dict()")
+        if _is_zero(self.base_optimizer):
+            # The state lives in each rank's local optimizer: ZeRO gathers it on the rank
+            # that called consolidate_state_dict(to=rank) (it raises with that fix elsewhere).
+            return self.base_optimizer.state_dict()
         return super().state_dict()
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """With ``ZeroRedundancyOptimizer`` as base optimizer: gather the sharded optimizer
+        state on rank ``to`` (call on every rank), so :meth:`state_dict` works there."""
+        if not _is_zero(self.base_optimizer):
+            raise TypeError(
+                "consolidate_state_dict() is for a ZeroRedundancyOptimizer base optimizer; "
+                f"this SAM's is {type(self.base_optimizer).__name__}, whose state_dict() needs "
+                "no consolidation"
+            )
+        self.base_optimizer.consolidate_state_dict(to=to)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by :meth:`state_dict`; the base optimizer shares it."""
         self._refuse_while_perturbed("load_state_dict()")
-        super().load_state_dict(state_dict)
-        # Optimizer.load_state_dict builds new group dicts and a new state: share them again.
-        self.base_optimizer.param_groups = self.param_groups
-        self.base_optimizer.state = self.state
+        if _is_zero(self.base_optimizer):
+            # Every rank loads the consolidated dict; ZeRO keeps its own partition's state.
+            self.base_optimizer.load_state_dict(state_dict)
+            self.param_groups = self.base_optimizer.param_groups
+            self.state = self.base_optimizer.state
+        else:
+            super().load_state_dict(state_dict)
+            # Optimizer.load_state_dict builds new group dicts and a new state: share them.
+            self.base_optimizer.param_groups = self.param_groups
+            self.base_optimizer.state = self.state
         for group in self.param_groups:
             for key in _SAM_KEYS:
                 group.setdefault(key, self.defaults[key])
@@ -1057,6 +1108,11 @@ def _finite_flag(tensors: Sequence[Tensor], fast: bool = False) -> Tensor | None
     return torch.stack(
         [f.to(device, non_blocking=copy_is_non_blocking(f.device, device)) for f in flags]
     ).all()
+
+
+def _is_zero(base: Any) -> bool:
+    """Whether ``base`` is ``torch.distributed.optim.ZeroRedundancyOptimizer`` (ZeRO-1)."""
+    return type(base).__name__ == "ZeroRedundancyOptimizer" and hasattr(base, "consolidate_state_dict")
 
 
 def _detached(x: Any) -> Any:

@@ -1,6 +1,7 @@
 r"""The SAM family for PyTorch: siblings of :class:`sam_torch.SAM` built on the same machinery.
 
-Each class subclasses :class:`~sam_torch.SAM` (same constructor arguments, same
+Each class subclasses :class:`~sam_torch.SAM` (same constructor options, declared once in
+:class:`~sam_torch.SAMOptions` and taken as keywords, same
 ``first_step`` / ``second_step`` / ``step(closure)`` / ``restore`` contract, same exact
 restore and shared state with the base optimizer) and changes one thing, with the math
 taken from :mod:`sam_core` (``sam_core._variants``):
@@ -26,16 +27,18 @@ it is empty) and saved by :meth:`state_dict` under the key ``"sam_variant"``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from typing_extensions import Unpack
 
 import sam_core
 
 from ._entry import base_step
 from ._ops import TorchOps
+from ._options import BaseOptimizer, MomentumSAMOptions, Params, SAMOptions
 from ._sam import SAM, _by_device_and_dtype
 
 __all__ = [
@@ -52,9 +55,6 @@ __all__ = [
     "normalization_parameters",
 ]
 
-_Impl = Literal["auto", "foreach", "per_tensor"]
-_Storage = Literal["auto", "swap", "copy"]
-_Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
 class _VariantSAM(SAM):
@@ -182,8 +182,8 @@ class GSAM(_VariantSAM):
     ICLR 2022 (official CIFAR example: ``alpha=0.2``, ASAM, ``rho`` 2.0).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
-            **base_kwargs: as :class:`~sam_torch.SAM`.
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.SAMOptions`; other keywords go to the base optimizer).
         alpha: weight of :math:`g_\perp`, in [0, 1]; 0 is SAM.
 
     Cost: two forward-backward passes per step, one extra parameter-sized buffer (the
@@ -192,30 +192,14 @@ class GSAM(_VariantSAM):
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
         alpha: float = 0.2,
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        **options: Unpack[SAMOptions],
     ) -> None:
         sam_core.validate_gsam(alpha=alpha)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive,
-            eta,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, **options)
         self.alpha = alpha
         self._clean: dict[Tensor, Tensor] = {}
 
@@ -223,6 +207,7 @@ class GSAM(_VariantSAM):
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
+            self._centralize_clean_gradients()
             self._clean = {}
             for _, _, params, grads, _ in self._plan():
                 bufs = [self._buffer("gsam_clean_grad", p, persistent=False) for p in params]
@@ -433,8 +418,8 @@ class WSAM(_VariantSAM):
     here: clip in the closure if you want it).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
-            **base_kwargs: as :class:`~sam_torch.SAM`.
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.SAMOptions`; other keywords go to the base optimizer).
         gamma: in [0, 1).
         decouple: apply the sharpness term outside the base optimizer (needs ``lr`` in
             the param groups).
@@ -444,32 +429,16 @@ class WSAM(_VariantSAM):
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
         gamma: float = 0.88,
         decouple: bool = True,
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        **options: Unpack[SAMOptions],
     ) -> None:
         sam_core.validate_wsam(gamma=gamma)
         sam_core.check_bool("decouple", decouple)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive,
-            eta,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, **options)
         if decouple and any("lr" not in group for group in self.param_groups):
             raise ValueError(
                 "WSAM(decouple=True) applies lr * alpha * (g_s - g) itself and needs 'lr' in "
@@ -484,6 +453,7 @@ class WSAM(_VariantSAM):
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep a copy of the clean gradient :math:`g`, then perturb as SAM does."""
         if not self.is_perturbed:
+            self._centralize_clean_gradients()
             self._clean = {}
             for _, _, params, grads, _ in self._plan():
                 bufs = [self._buffer("wsam_clean_grad", p, persistent=False) for p in params]
@@ -566,8 +536,8 @@ class SAMON(_VariantSAM):
     with ASAM-ON and a larger ``rho`` than for SAM; tune it).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
-            **base_kwargs: as :class:`~sam_torch.SAM`.
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.SAMOptions`; other keywords go to the base optimizer).
         norm_params: the parameters to perturb: a module (its
             :func:`normalization_parameters` are used) or an iterable of parameters (any
             mask you like). Each must also be in ``params``.
@@ -577,29 +547,13 @@ class SAMON(_VariantSAM):
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
         norm_params: nn.Module | Iterable[Tensor],
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        **options: Unpack[SAMOptions],
     ) -> None:
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive,
-            eta,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, **options)
         chosen = (
             normalization_parameters(norm_params)
             if isinstance(norm_params, nn.Module)
@@ -661,8 +615,8 @@ class FriendlySAM(_VariantSAM):
     defaults ``sigma=1``, ``lmbda=0.9``; its CIFAR script uses ``lmbda=0.95``, ``rho=0.2``).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
-            **base_kwargs: as :class:`~sam_torch.SAM`.
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.SAMOptions`; other keywords go to the base optimizer).
         sigma: weight of the average removed from the gradient, in [0, 1].
         lmbda: decay of the average, in [0, 1).
 
@@ -671,31 +625,15 @@ class FriendlySAM(_VariantSAM):
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
         sigma: float = 1.0,
         lmbda: float = 0.9,
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        **options: Unpack[SAMOptions],
     ) -> None:
         sam_core.validate_friendly_sam(sigma=sigma, lmbda=lmbda)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive,
-            eta,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, **options)
         self.sigma = sigma
         self.lmbda = lmbda
 
@@ -708,6 +646,7 @@ class FriendlySAM(_VariantSAM):
         """
         if self.is_perturbed:
             super().first_step(zero_grad)  # raises: first_step() twice
+        self._centralize_clean_gradients()
         averages = self._buffers.setdefault("fsam_momentum", {})
         parts = []
         for _, ops, params, grads, _ in self._plan():
@@ -753,8 +692,8 @@ class VaSSO(_VariantSAM):
     ``1e-7`` to the norm where this class uses ``sam_eps``).
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
-            **base_kwargs: as :class:`~sam_torch.SAM`.
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.SAMOptions`; other keywords go to the base optimizer).
         theta: weight of the new gradient in the average, in [0, 1].
 
     Cost: two passes per step, one extra parameter-sized buffer (:math:`m`).
@@ -762,30 +701,14 @@ class VaSSO(_VariantSAM):
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
         theta: float = 0.9,
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        **options: Unpack[SAMOptions],
     ) -> None:
         sam_core.validate_vasso(theta=theta)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive,
-            eta,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, **options)
         self.theta = theta
 
     @torch.no_grad()
@@ -793,6 +716,7 @@ class VaSSO(_VariantSAM):
         r"""Turn ``p.grad`` into the new average :math:`m`, perturb along it, keep it."""
         if self.is_perturbed:
             super().first_step(zero_grad)  # raises: first_step() twice
+        self._centralize_clean_gradients()
         averages = self._buffers.setdefault("vasso_average", {})
         new_average: list[tuple[list[Tensor], list[Tensor]]] = []
         for _, ops, params, grads, _ in self._plan():
@@ -851,31 +775,15 @@ class LookSAM(_VariantSAM):
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
         k: int = 5,
         alpha: float = 0.7,
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        **options: Unpack[SAMOptions],
     ) -> None:
         sam_core.validate_looksam(k=k, alpha=alpha)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive,
-            eta,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, **options)
         self.k = k
         self.alpha = alpha
         self.gv_norm: Tensor | None = None
@@ -893,6 +801,7 @@ class LookSAM(_VariantSAM):
     def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
         """Keep the clean gradient (in the :math:`g_v` buffer), then perturb as SAM does."""
         if not self.is_perturbed:
+            self._centralize_clean_gradients()
             self._pending = set()
             for _, _, params, grads, _ in self._plan():
                 torch._foreach_copy_([self._buffer("looksam_gv", p) for p in params], grads)
@@ -986,8 +895,8 @@ class EveryKSAM(_VariantSAM):
     closure once and step the base optimizer with the clean gradient. ``k=1`` is SAM.
 
     Args:
-        params, base_optimizer, rho, adaptive, eta, sam_eps, perturb_impl, storage,
-            **base_kwargs: as :class:`~sam_torch.SAM`.
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.SAMOptions`; other keywords go to the base optimizer).
         k: the interval, an int >= 1.
 
     Cost: :math:`1 + 1/k` passes per step on average; no extra buffer beyond SAM's.
@@ -995,30 +904,14 @@ class EveryKSAM(_VariantSAM):
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
         k: int = 5,
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        **options: Unpack[SAMOptions],
     ) -> None:
         sam_core.validate_interval(k=k)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            adaptive,
-            eta,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, **options)
         self.k = k
 
     @property
@@ -1080,44 +973,40 @@ class MomentumSAM(_VariantSAM):
     and backward pass (it needs no gradient), then ``second_step()``.
 
     Args:
-        params, base_optimizer, perturb_impl, storage, **base_kwargs: as
-            :class:`~sam_torch.SAM`; the base optimizer must keep a momentum
-            (``SGD(momentum>0)``, ``Adam``, ``AdamW``, ...).
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.MomentumSAMOptions`: no ``adaptive``/``eta``; ``sam_eps`` is
+            added to the momentum norm); the base optimizer must keep a momentum
+            (``SGD(momentum>0)``, ``Adam``, ``AdamW``, ...). There is no clean gradient:
+            ``gc=True`` centralizes the direction :math:`v` (a copy; the momentum buffer is
+            left alone) before the perturbation is formed from it.
         rho: length of the perturbation, :math:`\rho \ge 0`.
-        sam_eps: added to the momentum norm, :math:`\epsilon > 0`.
 
     Cost: one pass per step and one extra element-wise pass over the parameters.
     """
 
     def __init__(
         self,
-        params: _Params,
-        base_optimizer: type[Optimizer] | Callable[..., Optimizer],
-        rho: float = 0.3,
-        sam_eps: float = 1e-12,
+        params: Params,
+        base_optimizer: BaseOptimizer,
         *,
-        perturb_impl: _Impl = "auto",
-        storage: _Storage = "auto",
-        **base_kwargs: Any,
+        rho: float = 0.3,
+        **options: Unpack[MomentumSAMOptions],
     ) -> None:
         for key in ("adaptive", "eta"):
-            if key in base_kwargs:
+            if key in options:
                 raise TypeError(
                     f"MomentumSAM takes no {key}=: its perturbation is -rho * v / (||v|| + "
                     "sam_eps) along the base optimizer's momentum v, with no adaptive (ASAM) "
                     "form; use SAM(adaptive=True) or another variant for ASAM"
                 )
-        super().__init__(
-            params,
-            base_optimizer,
-            rho,
-            False,
-            0.01,
-            sam_eps,
-            perturb_impl=perturb_impl,
-            storage=storage,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, rho=rho, **options)
+        if type(self.base_optimizer).__name__ == "ZeroRedundancyOptimizer":
+            raise ValueError(
+                "MomentumSAM perturbs every parameter along its momentum, and "
+                "ZeroRedundancyOptimizer keeps each parameter's momentum only on the rank that "
+                "owns it; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) "
+                "instead, or use SAM, which needs no optimizer state to perturb"
+            )
         _check_keeps_momentum(self.base_optimizer)
         # The gradient at w + e is the step's only gradient: SAM's default policy ("clean",
         # the gradient the step is built from) means checking it here.
@@ -1145,7 +1034,11 @@ class MomentumSAM(_VariantSAM):
             for part in _by_device_and_dtype(params) if params else ():
                 device, dtype = part[0].device, part[0].dtype
                 ops = TorchOps(device, dtype, foreach=self._use_foreach(device))
-                plan.append((group, ops, part, [self._momentum(p) for p in part]))
+                velocity = [self._momentum(p) for p in part]
+                if self.gc:  # the direction is centralized, the momentum buffer left alone
+                    scratch = [self._buffer("msam_gc_direction", p, persistent=False) for p in part]
+                    velocity = sam_core.centralize(ops, velocity, out=scratch)
+                plan.append((group, ops, part, velocity))
         if not plan:
             if self.variant_step > 0:
                 raise RuntimeError(
