@@ -4,6 +4,8 @@
 :mod:`sam_core`'s, adapted by :class:`JaxOps`.
 """
 
+from typing import Any
+
 from sam_core import __version__
 from sam_jax._chain import check_chain
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
@@ -45,6 +47,7 @@ __all__ = [
     "__version__",
     "check_chain",
     "chunk_batch",
+    "diagnostics",
     "every_k_sam",
     "friendly_sam",
     "gsam",
@@ -59,3 +62,12 @@ __all__ = [
     "vasso",
     "wsam",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``sam_jax.diagnostics`` is imported on first use, so ``import sam_jax`` stays light.
+    if name == "diagnostics":
+        import importlib
+
+        return importlib.import_module("sam_jax.diagnostics")
+    raise AttributeError(f"module 'sam_jax' has no attribute {name!r}")
