@@ -44,6 +44,7 @@ The math is :mod:`sam_core`'s; ``sam_torch.diagnostics`` computes the same numbe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import jax
@@ -127,6 +128,28 @@ def _chunks(data: Any, m: int | None) -> Iterator[tuple[Any, int]]:
 # ---------------------------------------------------------------------------------------
 # The objective
 # ---------------------------------------------------------------------------------------
+#
+# Module-level jitted functions with ``loss_fn`` and the tree structure static: calls with the
+# same ``loss_fn`` (several measures of one model, one after the other) reuse the compiled
+# programs instead of compiling per call.
+
+
+def _loss_of(point: list[Any], leaves: list[Any], batch: Any, *, loss_fn: Any, treedef: Any,
+             index: tuple[int, ...]) -> Any:
+    full = list(leaves)
+    for i, x in zip(index, point, strict=True):
+        full[i] = x
+    return loss_fn(jax.tree.unflatten(treedef, full), batch)
+
+
+_STATIC = ("loss_fn", "treedef", "index")
+_loss_jit = jax.jit(_loss_of, static_argnames=_STATIC)
+_value_and_grad_jit = jax.jit(jax.value_and_grad(_loss_of), static_argnames=_STATIC)
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _hvp_jit(point: list[Any], v: list[Any], leaves: list[Any], batch: Any, **static: Any) -> Any:
+    return jax.jvp(lambda p: jax.grad(_loss_of)(p, leaves, batch, **static), (point,), (v,))[1]
 
 
 class _Objective:
@@ -156,19 +179,17 @@ class _Objective:
         self.ops = JaxOps()
         self.loss_fn = loss_fn
 
-        def loss_of(point: list[Any], batch: Any) -> Any:
-            full = list(self.leaves)
-            for i, x in zip(self.index, point, strict=True):
-                full[i] = x
-            return loss_fn(jax.tree.unflatten(self.treedef, full), batch)
-
-        def hvp(point: list[Any], v: list[Any], batch: Any) -> list[Any]:
-            return jax.jvp(lambda p: jax.grad(loss_of)(p, batch), (point,), (v,))[1]
-
-        self._loss = jax.jit(loss_of)
-        self._value_and_grad = jax.jit(jax.value_and_grad(loss_of))
-        self._hvp = jax.jit(hvp)
+        self._static = {"loss_fn": loss_fn, "treedef": self.treedef, "index": tuple(self.index)}
         self._checked = False
+
+    def _loss(self, point: list[Any], batch: Any) -> Any:
+        return _loss_jit(point, self.leaves, batch, **self._static)
+
+    def _value_and_grad(self, point: list[Any], batch: Any) -> Any:
+        return _value_and_grad_jit(point, self.leaves, batch, **self._static)
+
+    def _hvp(self, point: list[Any], v: list[Any], batch: Any) -> Any:
+        return _hvp_jit(point, v, self.leaves, batch, **self._static)
 
     # -- conversions ------------------------------------------------------------------
     def arrays(self, xs: Sequence[Any]) -> list[Any]:

@@ -251,7 +251,7 @@ class _Objective:
             )
         out = []
         for g, p, name in zip(given, self.params, self.param_names, strict=True):
-            t = g.detach() if isinstance(g, Tensor) else torch.as_tensor(np.asarray(g))
+            t = g.detach() if isinstance(g, Tensor) else torch.as_tensor(np.array(g))
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{what}: entry for {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
             out.append(t.to(device=self.device, dtype=self.dtype))

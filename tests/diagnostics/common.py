@@ -1,7 +1,9 @@
 """Shared pieces of the diagnostics tests: small float64 problems and their exact Hessians.
 
-The exact references are built without the code under test: the full Hessian column by
-column from autograd (torch) or ``jax.hessian`` (JAX), then ``numpy.linalg.eigvalsh``.
+The exact reference is built without the code under test: the full Hessian of the torch
+network column by column from autograd, then ``numpy.linalg.eigvalsh``. The Flax twin holds
+the same weights in another order and layout (a permutation of the coordinates), so its
+Hessian has the same eigenvalues and trace.
 """
 
 from __future__ import annotations
@@ -122,16 +124,6 @@ def jax_problem(kind: str, seed: int = 0) -> tuple[Any, Any, tuple[Any, Any], An
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
     return loss_fn, variables["params"], (jnp.asarray(x), jnp.asarray(y)), model
-
-
-def jax_exact_hessian(loss_fn: Any, params: Any, batch: Any) -> np.ndarray:
-    """``jax.hessian`` of the loss over the flattened parameters (float64)."""
-    import jax
-    from jax.flatten_util import ravel_pytree
-
-    flat, unravel = ravel_pytree(params)
-    hessian = np.asarray(jax.hessian(lambda v: loss_fn(unravel(v), batch))(flat))
-    return (hessian + hessian.T) / 2
 
 
 def top(eigenvalues: np.ndarray, k: int) -> np.ndarray:
