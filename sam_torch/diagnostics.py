@@ -539,10 +539,10 @@ def sharpness(
     ``kind="worst"``: projected normalized gradient ascent in the ball from the SAM/ASAM
     perturbation (a random point of the sphere where the gradient is zero), at most ``steps``
     steps of one gradient each, with an adaptive step length (see
-    :func:`sam_core._diagnostics.worst_case_sharpness`); on a quadratic it converges to
-    :math:`\rho\lVert T g\rVert`-plus-curvature optimum, at a stationary point to
-    :math:`\tfrac12\rho^2\lambda_{\max}(T H T)`. ``kind="average"``: ``samples`` directions
-    uniform on the sphere per chunk, one loss each.
+    :func:`sam_core._diagnostics.worst_case_sharpness`); the value is a lower bound of the
+    maximum, which it reaches on a quadratic (at a stationary point,
+    :math:`\tfrac12\rho^2\lambda_{\max}(T H T)`). ``kind="average"``: ``samples``
+    directions uniform on the sphere per chunk, one loss each.
 
     Returns:
         A :class:`SharpnessEstimate`: a ``float`` with ``.per_chunk``, ``.weights`` (examples
