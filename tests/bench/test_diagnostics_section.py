@@ -51,8 +51,8 @@ def test_sizes_per_mode_and_registration() -> None:
     assert set(diagnostics.SIZES) == set(MODES) and set(diagnostics.ESTIMATE_S) == set(MODES)
     assert diagnostics.SIZES["full"]["depth"] == 16 and diagnostics.SIZES["full"]["width"] == 2
     assert diagnostics.SIZES["full"]["batch"] == 128 and diagnostics.SIZES["full"]["iterations"] == 20
-    assert diagnostics.SIZES["quick"]["jax"] and not diagnostics.SIZES["smoke"]["jax"]
-    assert diagnostics.ESTIMATE_S["quick"] <= 60
+    assert diagnostics.SIZES["full"]["jax"] and not diagnostics.SIZES["smoke"]["jax"]
+    assert diagnostics.ESTIMATE_S["quick"] <= 20
     assert "diagnostics" in compare.SECTION_NAMES
     cfg, note = diagnostics._config(compare.section_config(mode="quick", backends=("torch",)))
     assert cfg["backends"] == ["torch"] and note is None
