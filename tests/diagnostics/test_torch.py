@@ -315,3 +315,11 @@ def test_progress_bar_and_plots(tmp_path):
     assert (tmp_path / "diagnostics.png").stat().st_size > 0
     with pytest.raises(ValueError, match="2-D"):
         D.plot_landscape({"a": plane, "b": plane})
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_hvp_methods_agree_with_batch_norm(bn_mode):
+    model, x, y = _bn_problem()
+    a = D.hessian_trace(model, F.cross_entropy, (x, y), probes=3, hvp="func", bn_mode=bn_mode)
+    b = D.hessian_trace(model, F.cross_entropy, (x, y), probes=3, hvp="double_backward", bn_mode=bn_mode)
+    assert np.max(np.abs(a.samples - b.samples)) < 1e-10 * max(1.0, np.max(np.abs(b.samples)))
