@@ -30,7 +30,7 @@ Hessian-vector products: ``hvp="func"`` (forward-over-reverse,
 ``"double_backward"`` (``torch.autograd.grad`` of the gradient built with
 ``create_graph=True``, PyHessian's way, one product per pass). ``"auto"`` takes the double
 backward: on CPU it measured faster than ``torch.func``'s composition (about 3x on the tests'
-small networks, 1.2-1.5x on a WRN-10-1; ``benchmarks/diagnostics.py`` times both), and it
+small networks, 1.3-1.9x on a WRN-10-1 at batch 8-16; ``benchmarks/diagnostics.py`` times both), and it
 works for every operation with a derivative, including those without a forward-mode one.
 
 The math is :mod:`sam_core`'s; ``sam_jax.diagnostics`` computes the same numbers.
