@@ -544,6 +544,41 @@ def sharpness_lines(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def plot_landscapes(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    """``landscape-<dataset>.png``: the 1-D landscapes of the final models (mean over seeds
+    per backend and optimizer form, at the run's noise levels), drawn with
+    :func:`sam_torch.diagnostics.plot_landscape`; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from sam_core._diagnostics import Landscape
+    from sam_core._plots import plot_landscape
+
+    names = []
+    for dataset in sorted({r["dataset"] for r in runs if r.get("landscape")}):
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:
+            if r["dataset"] == dataset and r.get("landscape") and in_grid(r):
+                label = f"{r['backend']} {_label(r)}, {round(100 * r['label_noise'])} % noise"
+                groups.setdefault(label, []).append(r)
+        curves = {}
+        for label, rs in sorted(groups.items()):
+            alphas = np.asarray(rs[0]["landscape"]["alphas"])
+            loss = np.mean([r["landscape"]["loss"] for r in rs], axis=0)
+            curves[f"{label} ({len(rs)} seeds)"] = Landscape((alphas,), loss, float(loss[len(loss) // 2]))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        plot_landscape(curves, ax, title=f"{dataset}: clean training loss along a filter-normalized direction")
+        name = f"landscape-{dataset}.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
 # ---------------------------------------------------------------------------------------
 # Results, summary, report
 # ---------------------------------------------------------------------------------------
@@ -855,6 +890,7 @@ def write_report(results: dict[str, Any], out: Path) -> str:
             lines += ["", f"![learning curves](curves-{dataset}.png)"]
         lines.append("")
     lines += sharpness_lines(runs)  # issue 27
+    lines += [f"![loss landscapes]({name})" for name in plot_landscapes(runs, out)] + [""]
     targets = check_targets(rows)
     if targets:
         lines += ["## Targets", "", *targets, ""]
