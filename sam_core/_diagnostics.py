@@ -1,10 +1,13 @@
-r"""Sharpness diagnostics, written once against :class:`~sam_core.ArrayListOps`.
+r"""Sharpness diagnostics, written once for every backend.
 
 The backends (``sam_torch.diagnostics``, ``sam_jax.diagnostics``) supply three things: a
-Hessian-vector product, a loss (and gradient) at a perturbed point, and the adapter; the
-algorithms below do the rest. Vectors are lists of arrays, one per trainable parameter;
-scalars that steer an algorithm (Lanczos coefficients, losses) are read on the host as Python
-floats: these are measurement loops, not a training step's hot path.
+Hessian-vector product, a loss (and gradient) at a perturbed point, and their
+:class:`~sam_core.ArrayListOps` adapter; the algorithms below do the rest. The sharpness
+ascent works on lists of arrays (one per trainable parameter) on the device through the
+adapter; the Krylov methods (Lanczos, power iteration, Hutchinson) on flat NumPy vectors on
+the host (see the note above :func:`lanczos`). Scalars that steer an algorithm (Lanczos
+coefficients, losses) are read on the host as Python floats: these are measurement loops, not
+a training step's hot path.
 
 * :func:`lanczos`: the top (or bottom) :math:`k` eigenvalues of the Hessian by the Lanczos
   iteration with full reorthogonalization, restarted on breakdown so that a repeated
@@ -62,7 +65,6 @@ __all__ = [
 ]
 
 A = TypeVar("A")
-Vector = list  # one array per trainable parameter
 
 #: The eigenvalue orders :func:`lanczos` can return.
 Which = Literal["largest", "smallest", "magnitude"]
