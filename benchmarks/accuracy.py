@@ -152,44 +152,22 @@ def train_jax(kind: str, budget: Budget, data_dir: str, progress: Any = None) ->
     return {"history": history, "seconds": time.perf_counter() - t0}
 
 
-@torch.no_grad()
 def loss_landscape(model: torch.nn.Module, split: Any, data: Any, alphas: np.ndarray,
                    seed: int = 0) -> list[float]:
-    """Loss along a filter-normalized random direction (Li et al., NeurIPS 2018).
+    """Loss along a filter-normalized random direction (Li et al., NeurIPS 2018), through
+    :func:`sam_torch.diagnostics.loss_landscape` (eval mode, biases and batch-norm parameters
+    not moved) over the whole ``split`` in batches of 500: :math:`L(w + \\alpha d)` at
+    ``alphas`` (evenly spaced)."""
+    from sam_torch import diagnostics
 
-    .. math:: L(w + \\alpha d), \\quad d_f \\leftarrow d_f \\, \\lVert w_f \\rVert / \\lVert d_f \\rVert
-
-    per filter :math:`f` of every weight with more than one dimension; biases and
-    batch-norm parameters are not moved (:math:`d = 0`).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    params = list(model.parameters())
-    origin = [p.detach().clone() for p in params]
-    dirs = []
-    for w in origin:
-        if w.dim() <= 1:
-            dirs.append(torch.zeros_like(w))
-            continue
-        d = torch.randn(w.shape, generator=gen, dtype=w.dtype).to(w.device)
-        wn = w.reshape(w.shape[0], -1).norm(dim=1)
-        dn = d.reshape(d.shape[0], -1).norm(dim=1).clamp_min(1e-12)
-        dirs.append(d * (wn / dn).reshape(-1, *([1] * (w.dim() - 1))))
-    losses = []
-    model.eval()
-    device = origin[0].device
-    for a in alphas:
-        for p, w, d in zip(params, origin, dirs, strict=True):
-            p.copy_(w + float(a) * d)
-        total, n = 0.0, 0
-        for xb, yb in data.batches(split, 500):
-            logits = model(torch.from_numpy(data.to_nchw(xb)).to(device))
-            total += float(F.cross_entropy(logits, torch.from_numpy(yb).to(device),
-                                           reduction="sum"))
-            n += len(yb)
-        losses.append(total / n)
-    for p, w in zip(params, origin, strict=True):
-        p.copy_(w)
-    return losses
+    device = next(model.parameters()).device
+    batches = [(torch.from_numpy(data.to_nchw(xb)).to(device), torch.from_numpy(yb).to(device))
+               for xb, yb in data.batches(split, 500)]
+    landscape = diagnostics.loss_landscape(
+        model, F.cross_entropy, batches, dims=1, steps=len(alphas),
+        span=(float(alphas[0]), float(alphas[-1])), seed=seed,
+    )
+    return [float(v) for v in landscape.loss]
 
 
 def run(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:

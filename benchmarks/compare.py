@@ -29,7 +29,9 @@ Sections (``benchmarks/<name>.py``, each ``run(config, progress) -> dict``; see
 6. ``variants``: cost of one training step of each SAM-family variant, as a ratio to SGD.
 7. ``msharpness``: an m-SAM step (``m_sharpness_step``, ``m_sharpness_update``) against a
    batch-SAM step, every execution path of both backends.
-8. ``gpu``: SAM under bfloat16 / float16 autocast (``ScaledSAM``) against SGD at the same
+8. ``diagnostics``: a Hessian-vector product against a gradient and lambda_max by Lanczos in
+   both backends, against PyHessian's power iteration (``sam_torch/jax.diagnostics``).
+9. ``gpu``: SAM under bfloat16 / float16 autocast (``ScaledSAM``) against SGD at the same
    precision, peak device memory, host syncs per SAM step on CUDA. Part of ``--gpu``; a CPU
    run includes it only with ``--sections gpu``.
 
@@ -90,6 +92,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("step", "benchmarks.step"),
     Section("variants", "benchmarks.variants"),
     Section("msharpness", "benchmarks.msharpness"),
+    Section("diagnostics", "benchmarks.diagnostics"),
     Section("accuracy", "benchmarks.accuracy"),
     Section("gpu", "benchmarks.gpu", default=False),
     Section("agreement", "benchmarks.agreement"),  # last: it switches JAX to float64 a while

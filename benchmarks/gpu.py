@@ -1,4 +1,4 @@
-"""Section 8, mixed precision and host syncs: one training step of SAM under autocast
+"""Section 9, mixed precision and host syncs: one training step of SAM under autocast
 (bfloat16 with :class:`sam_torch.SAM`, float16 with :class:`sam_torch.ScaledSAM` and a
 ``GradScaler``) against the SGD step at the same precision, the peak device memory of each,
 and the host synchronizations one SAM step makes.
@@ -31,7 +31,7 @@ from benchmarks._common import (
 )
 from benchmarks._timing import interleaved_times, summarize
 
-TITLE = "8. Mixed precision and host syncs"
+TITLE = "9. Mixed precision and host syncs"
 #: WRN depth and width, batch, timed rounds and warm-up rounds per run mode; ``"gpu"`` is the
 #: full run on a CUDA device (WRN-16-8 at batch 128, the GPU job's size).
 SIZES: dict[str, dict[str, int]] = {

@@ -444,11 +444,12 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
         values.setdefault("m_sharpness_impl", JAX_M_IMPL)
     config = make_config(**values)
     started = time.perf_counter()
-    history = trainer.train(config)
+    history, trained = trainer.train_model(config)
     wall = time.perf_counter() - started
     final = history[-1]
     c = dict(spec.config)
     steps = sum(h["passes"] / h["passes_per_step"] for h in history)
+    measures = sharpness_measures(spec.backend, trained, config)  # issue 27
     return {
         "dataset": spec.dataset,
         "backend": spec.backend,
@@ -482,8 +483,160 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
         "wall_time_ratio": None,
         "form_options": form_options(spec.optimizer.name, c),
         "settings": {k: v for k, v in c.items() if k != "data_dir"},
+        **measures,
         "history": history,
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Sharpness measures of the final models (issue 27: sam_torch/sam_jax.diagnostics)
+# ---------------------------------------------------------------------------------------
+
+#: How the final model of every run is measured, on the clean training set in eval mode:
+#: lambda_max by 20 Lanczos iterations, the Hessian trace by Hutchinson with 10 probes,
+#: worst-case adaptive m-sharpness (Andriushchenko et al., ICML 2023: the measure they found
+#: best correlated with generalization) with rho 0.5 in the adaptive ball T_w = |w|, m = 128,
+#: 20 ascent steps, and a 1-D filter-normalized landscape; all in the plain cross-entropy.
+MEASURES: dict[str, Any] = {
+    "lanczos_iterations": 20, "trace_probes": 10, "rho": 0.5, "m": 128, "ascent_steps": 20,
+    "landscape_steps": 11, "landscape_span": 1.0, "seed": 0,
+}
+#: The record keys :func:`sharpness_measures` adds to a run.
+MEASURE_KEYS = ("lambda_max", "hessian_trace", "worst_sharpness")
+
+
+def sharpness_measures(backend: str, trained: Any, config: Any) -> dict[str, Any]:
+    """``lambda_max``, ``hessian_trace`` (and its standard error), ``worst_sharpness`` and a
+    1-D ``landscape`` of a trained torch model or JAX ``TrainState``, on the run's training
+    images with their clean labels (:data:`MEASURES`)."""
+    from examples.data import batches, load_training_data, to_nchw
+
+    data = load_training_data(config)
+    clean = type(data.train)(data.train.images, data.clean_labels)
+    m = dict(MEASURES)
+    seed = m["seed"]
+    t0 = time.perf_counter()
+    if backend == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        from sam_torch import diagnostics as D
+
+        model = trained
+        device = next(model.parameters()).device
+        data_batches = [(torch.from_numpy(to_nchw(x)).to(device), torch.from_numpy(y).to(device))
+                        for x, y in batches(clean, 500, dataset=config.dataset)]
+        args: tuple[Any, ...] = (model, F.cross_entropy, data_batches)
+    else:
+        import jax.numpy as jnp
+        import optax
+
+        from examples.train_jax import _model
+        from sam_jax import diagnostics as D  # type: ignore[no-redef]
+
+        net = _model(config.dataset, config.depth, config.width, data.num_classes)
+        stats = trained.batch_stats
+
+        def loss_fn(params: Any, batch: Any) -> Any:
+            variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+            logits = net.apply(variables, batch[0], train=False)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+        data_batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in batches(clean, 500, dataset=config.dataset)]
+        args = (loss_fn, trained.params, data_batches)
+    lam = D.hessian_eigenvalues(*args, k=1, max_iter=m["lanczos_iterations"], seed=seed)
+    trace = D.hessian_trace(*args, probes=m["trace_probes"], seed=seed)
+    worst = D.sharpness(*args, rho=m["rho"], kind="worst", adaptive=True, m=m["m"],
+                        steps=m["ascent_steps"], seed=seed)
+    line = D.loss_landscape(*args, dims=1, steps=m["landscape_steps"], span=m["landscape_span"],
+                            seed=seed)
+    return {
+        "lambda_max": float(lam[0]),
+        "hessian_trace": float(trace),
+        "hessian_trace_se": trace.std_error,
+        "worst_sharpness": float(worst),
+        "clean_train_loss": worst.loss,
+        "landscape": {"alphas": line.coords[0].tolist(), "loss": line.loss.tolist()},
+        "measures": {**m, "seconds": round(time.perf_counter() - t0, 1)},
+    }
+
+
+def sharpness_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The report's table of the measures beside test accuracy: mean ± sd over seeds per
+    (dataset, noise, backend, optimizer form), grid runs that carry the measures."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        if in_grid(r) and all(r.get(k) is not None for k in MEASURE_KEYS):
+            key = (r["dataset"], r["label_noise"], r["backend"], _label(r))
+            groups.setdefault(key, []).append(r)
+    if not groups:
+        return []
+
+    def cell(rs: list[dict[str, Any]], key: str, scale: float = 1.0, fmt: str = ".3g") -> str:
+        mean, sd = _mean_std([scale * r[key] for r in rs])
+        return f"{mean:{fmt}} ± {sd:{fmt}}"
+
+    m = MEASURES
+    lines = [
+        "## Sharpness of the final models",
+        "",
+        f"On the clean training set, eval mode, plain cross-entropy: `lambda_max` (Lanczos, "
+        f"{m['lanczos_iterations']} iterations), `hessian_trace` (Hutchinson, "
+        f"{m['trace_probes']} Rademacher probes), `worst_sharpness` (worst-case adaptive "
+        f"m-sharpness, rho {m['rho']}, m {m['m']}, {m['ascent_steps']} ascent steps; "
+        "Andriushchenko et al., ICML 2023), from `sam_torch.diagnostics` / "
+        "`sam_jax.diagnostics`; mean ± sd over seeds. Each run's record also holds a 1-D "
+        "filter-normalized landscape (`landscape`).",
+        "",
+        "| dataset | noise | backend | optimizer | seeds | final test acc % | lambda_max "
+        "| hessian_trace | worst_sharpness |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"SGD": 0}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2] != "torch", order.get(k[3], 1), k[3])):
+        rs = groups[key]
+        lines.append(
+            f"| {key[0]} | {round(100 * key[1])} % | {key[2]} | {key[3]} | {len(rs)} "
+            f"| {cell(rs, 'final_test_acc', 100.0, '.1f')} | {cell(rs, 'lambda_max')} "
+            f"| {cell(rs, 'hessian_trace')} | {cell(rs, 'worst_sharpness')} |"
+        )
+    lines.append("")
+    return lines
+
+
+def plot_landscapes(runs: list[dict[str, Any]], out: Path) -> list[str]:
+    """``landscape-<dataset>.png``: the 1-D landscapes of the final models (mean over seeds
+    per backend and optimizer form, at the run's noise levels), drawn with
+    :func:`sam_torch.diagnostics.plot_landscape`; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from sam_core._diagnostics import Landscape
+    from sam_core._plots import plot_landscape
+
+    names = []
+    for dataset in sorted({r["dataset"] for r in runs if r.get("landscape")}):
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in runs:
+            if r["dataset"] == dataset and r.get("landscape") and in_grid(r):
+                label = f"{r['backend']} {_label(r)}, {round(100 * r['label_noise'])} % noise"
+                groups.setdefault(label, []).append(r)
+        curves = {}
+        for label, rs in sorted(groups.items()):
+            alphas = np.asarray(rs[0]["landscape"]["alphas"])
+            loss = np.mean([r["landscape"]["loss"] for r in rs], axis=0)
+            curves[f"{label} ({len(rs)} seeds)"] = Landscape((alphas,), loss, float(loss[len(loss) // 2]))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        plot_landscape(curves, ax, title=f"{dataset}: clean training loss along a filter-normalized direction")
+        name = f"landscape-{dataset}.png"
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------
@@ -849,6 +1002,8 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         if f"curves-{dataset}.png" in images:
             lines += ["", f"![learning curves](curves-{dataset}.png)"]
         lines.append("")
+    lines += sharpness_lines(runs)  # issue 27
+    lines += [f"![loss landscapes]({name})" for name in plot_landscapes(runs, out)] + [""]
     targets = check_targets(rows)
     if targets:
         lines += ["## Targets", "", *targets, ""]

@@ -310,7 +310,16 @@ def evaluate(
 def train(
     config: Any, progress: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says.
+    """Train as ``config`` (the scripts' arguments, :func:`examples.cli.make_config`) says
+    and return the history (:func:`train_model` without the final state)."""
+    return train_model(config, progress)[0]
+
+
+def train_model(
+    config: Any, progress: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[list[dict[str, Any]], TrainState]:
+    """Train as ``config`` says; return ``(history, state)``, the final :class:`TrainState`
+    (parameters and BatchNorm statistics for analyses such as sharpness measures).
 
     Returns the history, one dict per epoch with the keys of
     :func:`examples.train_torch.train` (with m-sharpness, ``train_acc`` comes from the
@@ -432,7 +441,7 @@ def train(
         if end_epoch(history, metrics, config, progress=progress, out=out,
                      checkpoint=CHECKPOINT, save=save):
             break
-    return history
+    return history, state
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

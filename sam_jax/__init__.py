@@ -4,6 +4,8 @@
 :mod:`sam_core`'s, adapted by :class:`JaxOps`.
 """
 
+from typing import Any
+
 from sam_core import __version__
 from sam_jax._asam import asam_mask
 from sam_jax._bsam import BSAMState, bsam, bsam_noise, predictive
@@ -53,6 +55,7 @@ __all__ = [
     "bsam_noise",
     "check_chain",
     "chunk_batch",
+    "diagnostics",
     "every_k_sam",
     "friendly_sam",
     "gsam",
@@ -69,3 +72,12 @@ __all__ = [
     "with_full_params",
     "wsam",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``sam_jax.diagnostics`` is imported on first use, so ``import sam_jax`` stays light.
+    if name == "diagnostics":
+        import importlib
+
+        return importlib.import_module("sam_jax.diagnostics")
+    raise AttributeError(f"module 'sam_jax' has no attribute {name!r}")

@@ -4,6 +4,8 @@
 is :mod:`sam_core`'s.
 """
 
+from typing import Any
+
 from sam_core import __version__
 from sam_torch._amp import ScaledSAM
 from sam_torch._asam import asam_param_groups
@@ -50,9 +52,19 @@ __all__ = [
     "__version__",
     "asam_param_groups",
     "clean_pass",
+    "diagnostics",
     "disable_running_stats",
     "enable_running_stats",
     "m_sharpness_step",
     "normalization_parameters",
     "predictive",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``sam_torch.diagnostics`` is imported on first use, so ``import sam_torch`` stays light.
+    if name == "diagnostics":
+        import importlib
+
+        return importlib.import_module("sam_torch.diagnostics")
+    raise AttributeError(f"module 'sam_torch' has no attribute {name!r}")

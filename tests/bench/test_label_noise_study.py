@@ -112,7 +112,10 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert lines == ["- digits, 40 % noise, torch (3 seeds): SAM 83.3 >= SGD 75.0 + 5: PASS"]
 
 
-def test_tiny_study_writes_results_report_and_merges(tmp_path):
+def test_tiny_study_writes_results_report_and_merges(tmp_path, monkeypatch):
+    # The sharpness measures at a fraction of their cost (--jobs 1 runs in this process).
+    monkeypatch.setattr(study, "MEASURES", {**study.MEASURES, "lanczos_iterations": 3,
+                                            "trace_probes": 2, "ascent_steps": 2, "m": 640})
     out = tmp_path / "ln"
     argv = ["--dataset", "digits", "--optimizers", "sgd,sam", "--seeds", "0",
             "--backends", "torch", "--set", "epochs=1", "--jobs", "1", "--out", str(out)]
@@ -136,6 +139,15 @@ def test_tiny_study_writes_results_report_and_merges(tmp_path):
     assert run["rho_warmup_epochs"] == WARMUP
     assert f"| 40 % | torch | SAM | {rho_text} | 1 |" in report and (out / "curves-digits.png").is_file()
     assert "## Targets" in report and str(tmp_path) not in report
+    # Issue 27: every run carries the sharpness measures of its final model, and the report
+    # shows them beside test accuracy.
+    for r in saved["runs"]:
+        assert r["lambda_max"] > 0 and r["hessian_trace_se"] >= 0
+        assert all(isinstance(r[k], float) for k in study.MEASURE_KEYS)
+        assert len(r["landscape"]["alphas"]) == len(r["landscape"]["loss"]) == 11
+        assert abs(r["landscape"]["loss"][5] - r["clean_train_loss"]) < 1e-4
+    assert "## Sharpness of the final models" in report
+    assert "| digits | 40 % | torch | SAM | 1 |" in report
     # A second invocation skips what is there; --replace reruns it.
     study.main(argv, log=logs.append)
     assert "2 already in results.json, 0 to run" in logs[-1] or any(
