@@ -5,6 +5,7 @@
 """
 
 from sam_core import __version__
+from sam_jax import _framework  # noqa: F401  (before the rest: without JAX and Optax, an error naming the extra)
 from sam_jax._chain import check_chain
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps

@@ -5,6 +5,7 @@ is :mod:`sam_core`'s.
 """
 
 from sam_core import __version__
+from sam_torch import _framework  # noqa: F401  (before the rest: without PyTorch, an error naming the extra)
 from sam_torch._amp import ScaledSAM
 from sam_torch._bn import disable_running_stats, enable_running_stats
 from sam_torch._distributed import clean_pass
