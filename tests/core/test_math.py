@@ -97,7 +97,10 @@ def test_sam_perturbation_norm_is_rho(g, rho):
     e, n = sam_core.perturbation(OPS, [np.zeros_like(g)], [g], rho=rho)
     norm_e = np.linalg.norm(e[0])
     # ||e|| = rho * ||g|| / (||g|| + eps): rho whenever eps is negligible, never more.
-    true_norm = np.linalg.norm(g)  # LAPACK's scaled norm: no underflow of tiny squares
+    # Scaled by the largest |g| first: the squares of tiny gradients (|g| ~ 1e-168) underflow
+    # to 0 in a plain sum of squares, which np.linalg.norm of a vector is.
+    peak = float(np.max(np.abs(g)))
+    true_norm = peak * float(np.linalg.norm(g / peak)) if peak > 0 else 0.0
     assert norm_e == pytest.approx(rho * true_norm / (true_norm + 1e-12), rel=1e-9, abs=1e-300)
     if n > 1e-3:
         assert norm_e == pytest.approx(rho, rel=1e-9)
