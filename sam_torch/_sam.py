@@ -422,6 +422,12 @@ class SAM(Optimizer):
             # maximize=True: the base optimizer minimizes -L, whose ascent direction is -g
             rho = -group["rho"] if group.get("maximize", False) else group["rho"]
             scale = sam_core.perturbation_scale(rho, norm, group["sam_eps"])
+            if scale.dtype != ops.acc_dtype:
+                # A group mixing dtypes: the global norm is in the widest one. Rounded once
+                # to this part's precision here, the scale is the same number for every
+                # kernel (foreach, per-tensor with or without a host read), which would
+                # otherwise each round a wider scale their own way.
+                scale = scale.to(ops.acc_dtype)
             if d is None:
                 perturbed = compiled.perturb_into(
                     params, grads, out, scale, adaptive=group["adaptive"], eta=group["eta"],
