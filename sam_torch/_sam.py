@@ -669,11 +669,12 @@ class SAM(Optimizer):
           optimizer.zero_grad()``, which gives that wrapper's trajectory, batch-norm
           running statistics and dropout masks included (two forward passes per step).
         * Gradients zeroed in place since the last step (``model.zero_grad(
-          set_to_none=False)``) are not a backward pass: when the gradients SAM last saw
-          were only written in place and their norm is now exactly 0, the closure is
-          called twice, as in the first case (taking zeros as the clean gradient would
-          perturb by 0, a plain base step). This costs one host read of the 0-d norm, on
-          accelerators only in loops that keep gradient tensors across steps
+          set_to_none=False)``) are not a backward pass: when the gradient tensors SAM
+          last saw were only written in place and every one is now exactly zero, the
+          closure is called twice, as in the first case (taking zeros as the clean
+          gradient would perturb by 0, a plain base step). The check reads the gradients
+          until one is not zero (after a real backward pass, one read of the first
+          tensor), only in loops that keep gradient tensors across steps
           (``set_to_none=False``); an all-zero gradient that a backward pass really
           produced gives the same step, with one forward-backward pass more.
 
@@ -715,20 +716,16 @@ class SAM(Optimizer):
             )
         loss = None
         fresh = self._grad_freshness()
+        if fresh == "in_place" and self._grads_all_zero():
+            # Written in place and now all zero: ``zero_grad(set_to_none=False)`` (the
+            # model's or any other) ran since the last step, no backward pass. Taken as the
+            # clean gradient, it would perturb by 0 and make this a plain base step.
+            fresh = None
         if fresh is None:
             self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
         self.first_step()
-        if fresh == "in_place" and not self._skip_base_step and _is_zero(self.grad_norm):
-            # Gradients written in place and now all zero: ``zero_grad(set_to_none=False)``
-            # (the model's or any other) ran after the last step, no backward pass. Taking
-            # them as the clean gradient would perturb by 0 and make this an SGD step.
-            self.restore()
-            self.zero_grad()
-            with torch.enable_grad():
-                loss = closure()
-            self.first_step()
         if self._skip_base_step:  # non-finite clean gradient: nothing perturbed, skip it all
             self.restore()
             self.loss, self.perturbed_loss = _detached(loss), None
@@ -818,6 +815,18 @@ class SAM(Optimizer):
 
     def _grads(self) -> list[Tensor]:
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _grads_all_zero(self) -> bool:
+        """Whether every gradient is exactly zero (``NaN`` is not zero).
+
+        Reads one flag per gradient tensor until one is not zero: after a real backward
+        pass that is the first tensor (one pass over it, one host read), and only gradients
+        zeroed in place are read to the end.
+        """
+        for grad in self._grads():
+            if grad.is_sparse or bool(grad.any()):
+                return False
+        return True
 
     def _grads_all_finite(self) -> bool:
         """Whether every gradient of every group is finite (one host sync)."""
@@ -1090,9 +1099,6 @@ def _without_wrapper_copies(state_dict: dict[str, Any], base: Optimizer) -> dict
     return {**state_dict, "state": kept}
 
 
-def _is_zero(norm: Tensor | None) -> bool:
-    """Whether the clean gradient's norm is exactly 0 (one host read of a 0-d tensor)."""
-    return norm is not None and not bool(norm)
 
 
 def _check_no_key_collision(base_optimizer: Any) -> None:

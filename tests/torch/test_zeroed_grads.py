@@ -3,8 +3,9 @@
 ``model.zero_grad(set_to_none=False)`` leaves all-zero gradient tensors that SAM saw at the
 end of the last step, written in place: the same signature as a backward pass accumulating
 into them (the popular wrapper's loop with in-place zeroing). SAM tells the two apart by the
-norm it computes anyway: exactly 0 means no backward ran, and the closure is called at
-``w`` too. Checked against the float64 NumPy SAM reference.
+values: all exactly zero means no backward ran, and the closure is called at ``w`` too.
+Checked against the float64 NumPy SAM reference, for SAM and for a variant whose first step
+updates its own state (it must see the real clean gradient only, once).
 """
 
 from __future__ import annotations
@@ -90,3 +91,21 @@ def test_backward_into_gradients_kept_across_steps_is_still_the_clean_pass():
         sam.zero_grad(set_to_none=False)
     assert_close_rel([p.detach().numpy() for p in model.parameters()], expected, 1e-12)
 
+
+
+def test_a_variant_with_state_sees_the_clean_gradient_once():
+    """FriendlySAM's first step updates its gradient EMA: zeros must never reach it."""
+    p0, batches = ref.init_mlp(seed=17), ref.make_batches(STEPS, seed=18)
+
+    def run(zero_in_place: bool):
+        model = make_mlp(p0)
+        opt = sam_torch.FriendlySAM(model.parameters(), torch.optim.SGD, lr=0.05, rho=0.2)
+        for x_np, t_np in batches:
+            x, t = torch.from_numpy(x_np), torch.from_numpy(t_np)
+            if zero_in_place:
+                model.zero_grad(set_to_none=False)
+            opt.step(_closure(model, x, t, []))
+        return [p.detach().numpy() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same computation, bit for bit
