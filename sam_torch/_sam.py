@@ -602,18 +602,10 @@ class SAM(Optimizer):
         ]
         return None if all(m is None for m in mark) else mark
 
-    def _has_fresh_grads(self) -> bool:
-        """Whether a backward pass ran since the last step or ``zero_grad()``.
-
-        True when some parameter holds a gradient tensor that is new, or was written to
-        in place (its version counter moved), since SAM last looked: at the end of the last
-        step, at its ``zero_grad()`` or at construction.
-        """
-        return self._grad_freshness() is not None
-
     def _grad_freshness(self) -> Literal["new", "in_place"] | None:
-        """How the gradients changed since SAM last looked (see :meth:`_has_fresh_grads`).
+        """Whether, and how, a backward pass may have run since SAM last looked.
 
+        SAM looks at the end of each step, in its ``zero_grad()`` and at construction.
         ``"new"``: some parameter holds a gradient tensor SAM has not seen (only a backward
         pass, or an assignment to ``.grad``, makes one). ``"in_place"``: only tensors SAM
         saw were written to, by a backward pass accumulating into them or by
@@ -1077,9 +1069,7 @@ def _without_wrapper_copies(state_dict: dict[str, Any], base: Optimizer) -> dict
     name = type(base).__name__
     keys = " and ".join(repr(k) for k in found)
     if kept:
-        fate = (
-            f"the {name} state saved beside them is loaded, so training continues from it."
-        )
+        fate = f"The {name} state saved beside them is loaded, so training continues from it."
     else:
         fate = (
             f"It holds no state of the base optimizer {name}: that wrapper's state_dict() "
@@ -1092,13 +1082,11 @@ def _without_wrapper_copies(state_dict: dict[str, Any], base: Optimizer) -> dict
     warnings.warn(
         f"load_state_dict(): this state dict is the popular SAM wrapper's; its per-parameter "
         f"{keys} entries (the weights, or perturbation, it keeps between its two steps, not "
-        f"optimizer state) were dropped. {fate[0].upper()}{fate[1:]}",
+        f"optimizer state) were dropped. {fate}",
         UserWarning,
         stacklevel=3,
     )
     return {**state_dict, "state": kept}
-
-
 
 
 def _check_no_key_collision(base_optimizer: Any) -> None:
