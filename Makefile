@@ -8,6 +8,7 @@
 #   make bench-gpu                    # the GPU job on one CUDA device (compare.py --gpu)
 #   make test                         # ruff check . and python -m pytest -q
 #   make test PYTEST_ARGS=tests/core  # a part of the tests
+#   make test COV=                    # without the coverage report
 #   make test TORCH=torch==2.5.1      # another torch
 #   make setup | lint | clean
 #   make bench PYTHON=python3.12      # the Python that creates .venv/ (>= 3.10)
@@ -19,6 +20,10 @@ EXTRAS ?= torch,jax,examples,bench,dev,hf
 VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
+# After the tests, the branch coverage of sam_core, sam_torch and sam_jax (pyproject.toml's
+# [tool.coverage.*]; files fully covered are left out of the table): a report only, no
+# threshold, so it never fails the run. `make test COV=` runs without it.
+COV ?= --cov --cov-report=term-missing:skip-covered
 
 VPY := $(VENV)/bin/python
 # The stamp names what was installed: a change of any of these sets up again.
@@ -35,7 +40,8 @@ help:
 	@echo "make bench   set up (first time) and run the main job: python benchmarks/compare.py \$$ARGS"
 	@echo "             (quick run by default; make bench ARGS=--full for the figures to quote)"
 	@echo "make bench-gpu  the GPU job on one CUDA device: python benchmarks/compare.py --gpu"
-	@echo "make test    set up (first time) and run ruff check . and python -m pytest -q \$$PYTEST_ARGS"
+	@echo "make test    set up (first time) and run ruff check . and python -m pytest -q \$$PYTEST_ARGS,"
+	@echo "             with a branch-coverage report of sam_core, sam_torch, sam_jax (COV= for none)"
 	@echo "make setup   only the set-up: $(VENV)/ with $(TORCH) and .[$(EXTRAS)]"
 	@echo "make lint    ruff check ."
 	@echo "make clean   remove $(VENV)/ and the caches (runs/ is kept)"
@@ -70,11 +76,11 @@ lint: $(STAMP)
 # pytest exits 5 when it collects no test: a failure here, not a pass.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	@echo "$(VPY) -m pytest -q $(PYTEST_ARGS)"; \
-	$(VPY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@echo "$(VPY) -m pytest -q $(PYTEST_ARGS) $(COV)"; \
+	$(VPY) -m pytest -q $(PYTEST_ARGS) $(COV); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$rc
 
 clean:
-	rm -rf "$(VENV)" .pytest_cache .ruff_cache .hypothesis build dist
+	rm -rf "$(VENV)" .pytest_cache .ruff_cache .hypothesis .coverage .coverage.* build dist
 	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

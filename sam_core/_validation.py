@@ -46,18 +46,40 @@ def _concrete_float(name: str, value: Any) -> float | None:
     raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
 
 
+def _half_precision_hint(value: Any) -> str:
+    """For a float16/bfloat16 array: where it comes from and how to keep float32.
+
+    ``optax.inject_hyperparams`` stores the hyperparameters in the parameters' dtype unless
+    told otherwise, so with float16 parameters ``eps=1e-12`` arrives as 0 (below float16's
+    smallest subnormal, 6e-8) and a large value as ``inf``.
+    """
+    dtype = str(getattr(value, "dtype", ""))
+    if dtype not in ("float16", "bfloat16"):  # NumPy/JAX names (torch's read "torch.float16")
+        return ""
+    return (
+        f"; it is a {dtype} array, too narrow for this hyperparameter: "
+        "optax.inject_hyperparams casts hyperparameters to the parameters' dtype unless "
+        "given hyperparam_dtype=jnp.float32, e.g. "
+        "optax.inject_hyperparams(sam_jax.sam, hyperparam_dtype=jnp.float32)(rho=...)"
+    )
+
+
 def check_nonnegative(name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number >= 0."""
     v = _concrete_float(name, value)
     if v is not None and not (math.isfinite(v) and v >= 0.0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number >= 0, got {value!r}{_half_precision_hint(value)}"
+        )
 
 
 def check_positive(name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
     v = _concrete_float(name, value)
     if v is not None and not (math.isfinite(v) and v > 0.0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number > 0, got {value!r}{_half_precision_hint(value)}"
+        )
 
 
 def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> None:
@@ -68,7 +90,7 @@ def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> 
     ok = math.isfinite(v) and v >= 0.0 and (v <= 1.0 if closed_right else v < 1.0)
     if not ok:
         bound = "]" if closed_right else ")"
-        raise ValueError(f"{name} must be in [0, 1{bound}, got {value!r}")
+        raise ValueError(f"{name} must be in [0, 1{bound}, got {value!r}{_half_precision_hint(value)}")
 
 
 def check_positive_int(name: str, value: Any) -> None:

@@ -7,6 +7,7 @@
 from typing import Any
 
 from sam_core import __version__
+from sam_jax import _framework  # noqa: F401  (before the rest: without JAX and Optax, an error naming the extra)
 from sam_jax._asam import asam_mask
 from sam_jax._bsam import BSAMState, bsam, bsam_noise, predictive
 from sam_jax._chain import check_chain

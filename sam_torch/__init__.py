@@ -7,6 +7,7 @@ is :mod:`sam_core`'s.
 from typing import Any
 
 from sam_core import __version__
+from sam_torch import _framework  # noqa: F401  (before the rest: without PyTorch, an error naming the extra)
 from sam_torch._amp import ScaledSAM
 from sam_torch._asam import asam_param_groups
 from sam_torch._bn import disable_running_stats, enable_running_stats

@@ -134,8 +134,9 @@ class SAM(Optimizer):
             closure's, or ``second_step(loss=...)``'s), and when there is no perturbed loss
             (the two-step API without ``loss=``, a closure returning ``None``) the gradient
             at :math:`w + e` is checked instead, so no ``NaN`` of either pass reaches the
-            weights by default. ``"both"`` (or ``True``) always checks the gradient at
-            :math:`w + e` (for NaNs that only the gradient shows).
+            weights by default. ``"both"`` always checks the gradient at :math:`w + e`
+            (for NaNs that only the gradient shows). ``True`` is rejected (``ValueError``):
+            it could mean either policy, so name the one you want.
             A skipped step leaves the weights and the optimizer state unchanged and sets
             :attr:`step_skipped`. ``False`` removes every check and sync and lets ``NaN``
             reach the weights, as ``torch.optim`` does. Cost on CPU: ``"clean"`` reads the
@@ -222,7 +223,7 @@ class SAM(Optimizer):
         model: torch.nn.Module | None = None,
         perturb_impl: Literal["auto", "foreach", "per_tensor", "compiled"] = "auto",
         storage: Literal["auto", "swap", "copy"] = "auto",
-        skip_nonfinite: bool | Literal["clean", "both"] = "clean",
+        skip_nonfinite: Literal["clean", "both", False] = "clean",
         max_consecutive_skips: int | None = None,
         dropout: Literal["same", "fresh"] = "same",
         gc: bool = False,
@@ -239,11 +240,7 @@ class SAM(Optimizer):
             )
         if max_consecutive_skips is not None:
             sam_core.check_positive_int("max_consecutive_skips", max_consecutive_skips)
-        if not (isinstance(skip_nonfinite, bool) or skip_nonfinite in ("clean", "both")):
-            raise TypeError(
-                "skip_nonfinite must be 'clean', 'both', True (= 'both') or False, got "
-                f"{type(skip_nonfinite).__name__} {skip_nonfinite!r}"
-            )
+        _check_skip_nonfinite(skip_nonfinite)
         if isinstance(base_optimizer, Optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class such as torch.optim.SGD, got an "
@@ -279,7 +276,7 @@ class SAM(Optimizer):
         self._gc_done = False  # the clean gradients of this step are centralized already
         #: The non-finite gradient policy as given (truthy unless ``False``).
         self.skip_nonfinite = skip_nonfinite
-        self._check_perturbed = skip_nonfinite is True or skip_nonfinite == "both"
+        self._check_perturbed = skip_nonfinite == "both"
         self._perturbed_loss_finite: Tensor | None = None  # step(closure), policy "clean"
         self._perturb_impl = perturb_impl
         self._compiled: Any = None  # CompiledPerturbation once built, False if it failed
@@ -529,6 +526,12 @@ class SAM(Optimizer):
             # maximize=True: the base optimizer minimizes -L, whose ascent direction is -g
             rho = -group["rho"] if group.get("maximize", False) else group["rho"]
             scale = sam_core.perturbation_scale(rho, norm, group["sam_eps"])
+            if scale.dtype != ops.acc_dtype:
+                # A group mixing dtypes: the global norm is in the widest one. Rounded once
+                # to this part's precision here, the scale is the same number for every
+                # kernel (foreach, per-tensor with or without a host read), which would
+                # otherwise each round a wider scale their own way.
+                scale = scale.to(ops.acc_dtype)
             if d is None:
                 perturbed = compiled.perturb_into(
                     params, grads, out, scale, adaptive=group["adaptive"], eta=group["eta"],
@@ -706,26 +709,32 @@ class SAM(Optimizer):
         ]
         return None if all(m is None for m in mark) else mark
 
-    def _has_fresh_grads(self) -> bool:
-        """Whether a backward pass ran since the last step or ``zero_grad()``.
+    def _grad_freshness(self) -> Literal["new", "in_place"] | None:
+        """Whether, and how, a backward pass may have run since SAM last looked.
 
-        True when some parameter holds a gradient tensor that is new, or was written to
-        in place (its version counter moved), since SAM last looked: at the end of the last
-        step, at its ``zero_grad()`` or at construction.
+        SAM looks at the end of each step, in its ``zero_grad()`` and at construction.
+        ``"new"``: some parameter holds a gradient tensor SAM has not seen (only a backward
+        pass, or an assignment to ``.grad``, makes one). ``"in_place"``: only tensors SAM
+        saw were written to, by a backward pass accumulating into them or by
+        ``zero_grad(set_to_none=False)``, which the values alone can tell apart. ``None``:
+        nothing changed. No host sync.
         """
         mark = self._grad_mark
         params = [p for g in self.param_groups for p in g["params"]]
         if mark is None:
-            return any(p.grad is not None for p in params)
+            return "new" if any(p.grad is not None for p in params) else None
         if len(mark) != len(params):  # a group was added: recompute the clean gradient
-            return False
+            return None
+        fresh: Literal["new", "in_place"] | None = None
         for p, m in zip(params, mark, strict=True):
             grad = p.grad
             if grad is None:
                 continue
-            if m is None or m[0]() is not grad or grad._version != m[1]:
-                return True
-        return False
+            if m is None or m[0]() is not grad:
+                return "new"
+            if grad._version != m[1]:
+                fresh = "in_place"
+        return fresh
 
     @property
     def is_perturbed(self) -> bool:
@@ -761,8 +770,15 @@ class SAM(Optimizer):
           running statistics and dropout masks included (two forward passes per step;
           the perturbed pass draws fresh masks, as there: the clean pass ran before
           ``step`` could record the generators).
-          Zero gradients with ``optimizer.zero_grad()`` or ``set_to_none=True`` (the
-          default): gradients zeroed in place by other means look like a fresh backward.
+        * Gradients zeroed in place since the last step (``model.zero_grad(
+          set_to_none=False)``) are not a backward pass: when the gradient tensors SAM
+          last saw were only written in place and every one is now exactly zero, the
+          closure is called twice, as in the first case (taking zeros as the clean
+          gradient would perturb by 0, a plain base step). The check reads the gradients
+          until one is not zero (after a real backward pass, one read of the first
+          tensor), only in loops that keep gradient tensors across steps
+          (``set_to_none=False``); an all-zero gradient that a backward pass really
+          produced gives the same step, with one forward-backward pass more.
 
         With ``SAM(..., model=model)`` the perturbed call runs with the model's batch-norm
         running statistics frozen (:func:`disable_running_stats`), so they come from the
@@ -807,8 +823,13 @@ class SAM(Optimizer):
                 "two-step API with second_step() (or restore()) before calling step()."
             )
         loss = None
-        replay: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if not self._has_fresh_grads():
+        fresh = self._grad_freshness()
+        if fresh == "in_place" and self._grads_all_zero():
+            # Written in place and now all zero: ``zero_grad(set_to_none=False)`` (the
+            # model's or any other) ran since the last step, no backward pass. Taken as the
+            # clean gradient, it would perturb by 0 and make this a plain base step.
+            fresh = None
+        if fresh is None:
             if self.dropout == "same":  # the clean call's dropout masks again at w + e
                 replay = RNGReplay([p for g in self.param_groups for p in g["params"]])
             self.zero_grad()
@@ -865,7 +886,21 @@ class SAM(Optimizer):
         self.base_optimizer.consolidate_state_dict(to=to)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by :meth:`state_dict`; the base optimizer shares it."""
+        """Load a state dict saved by :meth:`state_dict`; the base optimizer shares it.
+
+        A checkpoint of the popular PyTorch SAM wrapper loads too. Its ``state_dict()`` is
+        its own state, a copy of the weights per parameter (``"old_p"``; ``"e_w"``, the
+        perturbation, in its versions before September 2021), with the param groups it
+        shares with its base optimizer; the base optimizer's state (momentum buffers,
+        Adam's moments) lives apart and is not in it. Those copies are dropped with a
+        warning; the base optimizer then starts from fresh state, as that wrapper's
+        own ``load_state_dict`` leaves it. Its ``optimizer.base_optimizer.state_dict()``,
+        if it was saved too, holds the base state and the same groups: load that one (or a
+        dict whose entries hold both) and training continues exactly. The groups' ``rho``,
+        ``adaptive`` and the base hyperparameters come from the checkpoint; SAM's ``eta``
+        and ``sam_eps``, which that wrapper has not, from this optimizer's constructor
+        (``adaptive=True, eta=0.0`` is the wrapper's adaptive mode).
+        """
         self._refuse_while_perturbed("load_state_dict()")
         if _is_zero(self.base_optimizer):
             # Every rank loads the consolidated dict; ZeRO keeps its own partition's state.
@@ -873,6 +908,7 @@ class SAM(Optimizer):
             self.param_groups = self.base_optimizer.param_groups
             self.state = self.base_optimizer.state
         else:
+            state_dict = _without_wrapper_copies(state_dict, self.base_optimizer)
             super().load_state_dict(state_dict)
             # Optimizer.load_state_dict builds new group dicts and a new state: share them.
             self.base_optimizer.param_groups = self.param_groups
@@ -910,6 +946,18 @@ class SAM(Optimizer):
 
     def _grads(self) -> list[Tensor]:
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _grads_all_zero(self) -> bool:
+        """Whether every gradient is exactly zero (``NaN`` is not zero).
+
+        Reads one flag per gradient tensor until one is not zero: after a real backward
+        pass that is the first tensor (one pass over it, one host read), and only gradients
+        zeroed in place are read to the end.
+        """
+        for grad in self._grads():
+            if grad.is_sparse or bool(grad.any()):
+                return False
+        return True
 
     def _grads_all_finite(self) -> bool:
         """Whether every gradient of every group is finite (one host sync)."""
@@ -1115,8 +1163,76 @@ def _is_zero(base: Any) -> bool:
     return type(base).__name__ == "ZeroRedundancyOptimizer" and hasattr(base, "consolidate_state_dict")
 
 
+def _check_skip_nonfinite(value: Any) -> None:
+    """``skip_nonfinite`` is ``"clean"``, ``"both"`` or ``False``; ``True`` is ambiguous."""
+    if value is False or (isinstance(value, str) and value in ("clean", "both")):
+        return
+    accepted = "'clean' (the default), 'both' or False"
+    if value is True:
+        raise ValueError(
+            f"skip_nonfinite=True is ambiguous; pass one of {accepted}: 'clean' checks the "
+            "clean gradient and the perturbed loss (or, without one, the perturbed gradient), "
+            "'both' always checks the perturbed gradient too, False checks nothing"
+        )
+    if isinstance(value, str):
+        raise ValueError(f"skip_nonfinite must be one of {accepted}, got {value!r}")
+    raise TypeError(
+        f"skip_nonfinite must be one of {accepted}, got {type(value).__name__} {value!r}"
+    )
+
+
 def _detached(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
+
+
+#: Per-parameter entries of the popular SAM wrapper's own state: its copy of ``w`` between
+#: the two steps (``"old_p"``), or its perturbation (``"e_w"``, its versions before 2021-09).
+_WRAPPER_STATE_KEYS = ("old_p", "e_w")
+
+
+def _without_wrapper_copies(state_dict: dict[str, Any], base: Optimizer) -> dict[str, Any]:
+    """``state_dict`` without the popular wrapper's weight copies (warned once per load).
+
+    The caller's dict is left as it is. Entries left empty are removed, so that the base
+    optimizer initializes its state for those parameters (Adam checks for an empty entry).
+    """
+    state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(state, dict):
+        return state_dict
+    found = sorted({
+        key for entry in state.values() if isinstance(entry, dict)
+        for key in _WRAPPER_STATE_KEYS if key in entry
+    })
+    if not found:
+        return state_dict
+    kept: dict[Any, Any] = {}
+    for index, entry in state.items():
+        if isinstance(entry, dict):
+            entry = {k: v for k, v in entry.items() if k not in _WRAPPER_STATE_KEYS}
+            if not entry:
+                continue
+        kept[index] = entry
+    name = type(base).__name__
+    keys = " and ".join(repr(k) for k in found)
+    if kept:
+        fate = f"The {name} state saved beside them is loaded, so training continues from it."
+    else:
+        fate = (
+            f"It holds no state of the base optimizer {name}: that wrapper's state_dict() "
+            f"saves only its own, so {name} starts from fresh state (no momentum buffers or "
+            "moments, step count 0), as it does when that wrapper loads this checkpoint. If "
+            "optimizer.base_optimizer.state_dict() was saved as well, load that one instead: "
+            f"it holds the {name} state and the same param groups, and training continues "
+            "exactly."
+        )
+    warnings.warn(
+        f"load_state_dict(): this state dict is the popular SAM wrapper's; its per-parameter "
+        f"{keys} entries (the weights, or perturbation, it keeps between its two steps, not "
+        f"optimizer state) were dropped. {fate}",
+        UserWarning,
+        stacklevel=3,
+    )
+    return {**state_dict, "state": kept}
 
 
 def _check_no_key_collision(base_optimizer: Any) -> None:

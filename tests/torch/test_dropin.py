@@ -1,7 +1,8 @@
 """``sam_torch.SAM`` as a drop-in for the popular PyTorch SAM wrapper (float64, same seeds).
 
 ``WrapperSAM`` below is written from that wrapper's documented algorithm, a plain loop over
-tensors: ``first_step`` saves ``w`` and adds :math:`e = \\rho\\, T^2 g / (\\lVert T g \\rVert
+tensors: ``first_step`` saves ``w`` (as ``"old_p"`` in its state, the key of that wrapper's
+checkpoints) and adds :math:`e = \\rho\\, T^2 g / (\\lVert T g \\rVert
 + 10^{-12})` (``T = 1``, or ``|w|`` in its adaptive mode), ``second_step`` puts ``w`` back and
 steps the base optimizer, and ``step(closure)`` expects the clean backward done by the
 caller: ``first_step(zero_grad=True)``, the closure (once, at ``w + e``), ``second_step()``.
@@ -50,7 +51,7 @@ class WrapperSAM(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self.state[p]["w"] = p.detach().clone()
+                self.state[p]["old_p"] = p.detach().clone()
                 direction = p.grad * (p * p if group["adaptive"] else 1.0)
                 p.add_(direction * scale)
         if zero_grad:
@@ -61,7 +62,7 @@ class WrapperSAM(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.copy_(self.state[p]["w"])
+                    p.copy_(self.state[p]["old_p"])
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -71,6 +72,11 @@ class WrapperSAM(torch.optim.Optimizer):
         with torch.enable_grad():
             closure()
         self.second_step()
+
+    def load_state_dict(self, state_dict):
+        # Its own state and groups only; the base optimizer's state is not in its state_dict.
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups
 
 
 def wrapper_disable_running_stats(model):

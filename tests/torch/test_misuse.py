@@ -54,7 +54,10 @@ BAD_HYPERPARAMETERS = [
     (dict(adaptive="yes"), TypeError, "adaptive must be True or False, got str 'yes'"),
     (dict(adaptive=1), TypeError, "adaptive must be True or False, got int 1"),
     (dict(adaptive=np.bool_(True)), TypeError, "adaptive must be True or False, got bool"),
-    (dict(skip_nonfinite=None), TypeError, "skip_nonfinite must be 'clean', 'both', True (= 'both') or False, got NoneType"),
+    (dict(skip_nonfinite=None), TypeError, "skip_nonfinite must be one of 'clean' (the default), 'both' or False, got NoneType None"),
+    (dict(skip_nonfinite=True), ValueError, "skip_nonfinite=True is ambiguous; pass one of 'clean' (the default), 'both' or False"),
+    (dict(skip_nonfinite="always"), ValueError, "skip_nonfinite must be one of 'clean' (the default), 'both' or False, got 'always'"),
+    (dict(skip_nonfinite=1), TypeError, "skip_nonfinite must be one of 'clean' (the default), 'both' or False, got int 1"),
     (dict(perturb_impl="fast"), ValueError, "perturb_impl must be 'auto', 'foreach', 'per_tensor' or 'compiled'"),
     (dict(storage="disk"), ValueError, "storage must be 'auto', 'swap' or 'copy', got 'disk'"),
     (dict(lr=-0.1), ValueError, "Invalid learning rate: -0.1"),  # the base optimizer's own check

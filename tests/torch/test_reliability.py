@@ -140,7 +140,7 @@ def _poisoned_loss(model, x, t, poison: bool):
 
 
 @pytest.mark.parametrize("bad_pass", [1, 2])
-@pytest.mark.parametrize("skip_nonfinite", ["clean", "both", True, False])
+@pytest.mark.parametrize("skip_nonfinite", ["clean", "both", False])
 def test_grad_scaler_skips_a_step_with_inf_in_either_pass(bad_pass, skip_nonfinite):
     data = make_data(3, seed=7)
     model = make_model(seed=3)
@@ -712,7 +712,7 @@ def test_nonfinite_perturbed_gradient_restores_and_skips(storage):
     assert_bitwise(opt_state(sam), s0)
 
 
-@pytest.mark.parametrize("policy", ["clean", "both", True])
+@pytest.mark.parametrize("policy", ["clean", "both"])
 def test_nonfinite_perturbed_loss_in_step_closure_skips_under_every_policy(policy):
     model = make_model(seed=40)
     sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, skip_nonfinite=policy)
