@@ -251,7 +251,7 @@ def run_digits(config: Mapping[str, Any], progress: Any, why: str) -> dict[str, 
     records = []
     for spec in progress(specs, desc="digits runs", unit="run"):
         with _one_torch_thread():
-            record = study.execute(spec, threads=None)
+            record = study.execute(spec, threads=None, measure=False)
         name = f"{spec.backend} {spec.optimizer.display}"
         name += f" seed {spec.seed}" if len(seeds) > 1 else ""
         runs[name] = {"history": record["history"], "seconds": record["wall_s"]}

@@ -426,8 +426,10 @@ def _single_thread_env() -> None:
     limit_threads_env(1)
 
 
-def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
-    """Train one run (in this process) and return its ``results.json`` record."""
+def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> dict[str, Any]:
+    """Train one run (in this process) and return its ``results.json`` record; ``measure``:
+    with the final model's sharpness measures (:func:`sharpness_measures`; the main job's
+    accuracy section leaves them out, it has a few minutes in all)."""
     from examples.cli import make_config
 
     values = spec.overrides()
@@ -449,7 +451,7 @@ def execute(spec: RunSpec, threads: int | None = 1) -> dict[str, Any]:
     final = history[-1]
     c = dict(spec.config)
     steps = sum(h["passes"] / h["passes_per_step"] for h in history)
-    measures = sharpness_measures(spec.backend, trained, config)  # issue 27
+    measures = sharpness_measures(spec.backend, trained, config) if measure else {}
     return {
         "dataset": spec.dataset,
         "backend": spec.backend,

@@ -172,27 +172,28 @@ def _fake_history(config: types.SimpleNamespace, noisy: bool) -> list[dict[str, 
     fit = {"noisy_fit": 0.3, "clean_fit": 0.9} if noisy else {"noisy_fit": None,
                                                              "clean_fit": None}
     return [{"epoch": e + 1, "train_loss": 2.0, "test_loss": 1.0 / (e + 1), "test_acc": acc,
-             **fit}
+             "passes": 10, "passes_per_step": 1.0, "epoch_time_s": 1.0, **fit}
             for e in range(config.epochs)]
 
 
 def test_no_cifar_runs_the_digits_through_the_examples_training(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without CIFAR-10 the section trains SGD, SAM and m-SAM on the noisy digits in the
-    label-noise study's settings, each run one call of the examples' ``train``."""
+    label-noise study's settings, each run one call of the examples' ``train_model``, without
+    the study's sharpness measures (the quick job's budget)."""
     from benchmarks.label_noise import DATASET_SETTINGS
     from examples import train_jax, train_torch
 
     calls: list[tuple[str, types.SimpleNamespace]] = []
 
     def fake(backend: str) -> object:
-        def train(config: types.SimpleNamespace, progress: object = None) -> list[dict]:
+        def train_model(config: types.SimpleNamespace, progress: object = None) -> tuple:
             calls.append((backend, config))
-            return _fake_history(config, noisy=True)
-        return train
+            return _fake_history(config, noisy=True), None  # no model: nothing is measured
+        return train_model
 
-    monkeypatch.setattr(train_torch, "train", fake("torch"))
-    monkeypatch.setattr(train_jax, "train", fake("jax"))
+    monkeypatch.setattr(train_torch, "train_model", fake("torch"))
+    monkeypatch.setattr(train_jax, "train_model", fake("jax"))
     missing = tmp_path / "nothing-here"
     # threads=None: the study's runner leaves the process's thread settings alone
     res = accuracy.run(compare.section_config(mode="quick", data_dir=str(missing),
