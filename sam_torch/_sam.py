@@ -823,6 +823,7 @@ class SAM(Optimizer):
                 "two-step API with second_step() (or restore()) before calling step()."
             )
         loss = None
+        replay: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         fresh = self._grad_freshness()
         if fresh == "in_place" and self._grads_all_zero():
             # Written in place and now all zero: ``zero_grad(set_to_none=False)`` (the
