@@ -601,19 +601,28 @@ def ae_sam_target_fraction(c: float) -> float:
 
 def validate_ae_sam(*, delta: Any, c_start: Any, c_end: Any, total_steps: Any) -> None:
     """Raise unless AE-SAM's ``delta`` is in (0, 1), ``c_start`` / ``c_end`` are finite
-    numbers and ``total_steps`` is ``None`` or an int >= 1."""
+    numbers and ``total_steps`` is ``None`` or an int >= 1.
+
+    0-d arrays are accepted (``optax.inject_hyperparams`` turns numeric arguments into
+    arrays); traced ones are checked when they were concrete."""
     number = _concrete_float("delta", delta)
-    if number is None or not 0.0 < number < 1.0:
+    if number is not None and not 0.0 < number < 1.0:
         raise ValueError(
             f"delta must be a number in (0, 1), the EMA constant of the gradient-norm "
             f"statistics (the paper uses 0.9), got {delta!r}"
         )
     for name, value in (("c_start", c_start), ("c_end", c_end)):
         number = _concrete_float(name, value)
-        if number is None or not math.isfinite(number):
+        if number is not None and not math.isfinite(number):
             raise ValueError(
                 f"{name} must be a finite number (a threshold in standard deviations; "
                 f"the paper's schedule goes from c_start=1 to c_end=-1), got {value!r}"
             )
-    if total_steps is not None:
-        check_positive_int("total_steps", total_steps)
+    if total_steps is None:
+        return
+    if getattr(total_steps, "shape", None) == () and "int" in str(getattr(total_steps, "dtype", "")):
+        try:
+            total_steps = int(total_steps)
+        except Exception:  # a tracer: checked when it was concrete
+            return
+    check_positive_int("total_steps", total_steps)

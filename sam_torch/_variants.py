@@ -1127,7 +1127,8 @@ class AESAM(_VariantSAM):
     :func:`sam_core.ae_sam_is_sam_step`). Under the paper's model (:math:`x_t` normal) step
     :math:`t` is a SAM step with probability :math:`1 - \Phi(c_t)`: from 16 % at
     :math:`c = 1` to 84 % at :math:`c = -1`, half the steps over the whole run with the
-    defaults. Reference: Jiang, Yang, Zhang and Kwok, "An Adaptive Policy to Employ
+    defaults; while :math:`\mu_t` warms up from 0 (about :math:`1 / (1 - \delta)` steps)
+    most steps are SAM steps. Reference: Jiang, Yang, Zhang and Kwok, "An Adaptive Policy to Employ
     Sharpness-Aware Minimization", ICLR 2023 (Algorithm 1: the statistics updated with
     :math:`x_t` before the comparison, the variance about the updated mean; the comparison
     :math:`\ge`). The defaults ``delta=0.9``, ``c_start=1``, ``c_end=-1`` are the values

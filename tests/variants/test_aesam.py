@@ -396,3 +396,17 @@ def test_step_closure_without_a_replay_runs(problem, cls, loop):
         sam_step = cls == "SAM" or opt.last_step_was_sam
         assert len(n) == int(sam_step) + (loop == "dropout_fresh")
         opt.zero_grad()
+
+
+def test_jax_works_with_inject_hyperparams():
+    """Numeric arguments become arrays under optax.inject_hyperparams: validated, and the
+    update jits with them."""
+    tx = optax.inject_hyperparams(sam_jax.ae_sam)(rho=0.05, delta=0.9, total_steps=10)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    step = jax.jit(lambda s: tx.update({"w": jnp.full(3, 2.0)}, s, params, grad_fn=lambda p: p))
+    _, state = step(state)
+    assert bool(state.inner_state.is_sam_step)  # the first step: mu is still warming up
+    np.testing.assert_allclose(float(state.inner_state.sq_norm_mean), 0.1 * 12.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="total_steps"):
+        optax.inject_hyperparams(sam_jax.ae_sam)(rho=0.05, total_steps=0).init(params)
