@@ -35,6 +35,10 @@ perturbed one :math:`g_s = \nabla L(w + e)`:
   :math:`\alpha = \gamma / (1 - \gamma)` (:func:`wsam_gradient`), or its decoupled form.
 * every-:math:`k` SAM (MosaicML Composer's ``SAM(interval=k)``): :math:`g_s` on one step
   in :math:`k`, the plain :math:`g` otherwise; no formula of its own.
+* AE-SAM (Jiang et al., "An Adaptive Policy to Employ Sharpness-Aware Minimization",
+  ICLR 2023): :math:`g_s` when :math:`\lVert g \rVert^2 \ge \mu_t + c_t \sigma_t` of
+  its running statistics, the plain :math:`g` otherwise (:func:`ae_sam_statistics`,
+  :func:`ae_sam_threshold`, :func:`ae_sam_is_sam_step`).
 
 As in :mod:`sam_core._math`, the reductions (dots, squared norms) are separate from the
 element-wise parts so that a backend can sum them over parameter groups before scaling:
@@ -44,6 +48,7 @@ applies it. The schedule helper :func:`proportional_rho` is the GSAM rho schedul
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -56,6 +61,10 @@ from sam_core._validation import (
 )
 
 __all__ = [
+    "ae_sam_is_sam_step",
+    "ae_sam_statistics",
+    "ae_sam_target_fraction",
+    "ae_sam_threshold",
     "ema_update",
     "friendly_direction",
     "friendly_momentum_update",
@@ -69,6 +78,7 @@ __all__ = [
     "projection_coefficient",
     "proportional_rho",
     "rho_warmup",
+    "validate_ae_sam",
     "validate_friendly_sam",
     "validate_gsam",
     "validate_interval",
@@ -511,3 +521,108 @@ def validate_proportional_rho(*, lr_max: Any, lr_min: Any, rho_max: Any, rho_min
             f"rho_max={rho_max!r} != rho_min={rho_min!r}; pass rho_max == rho_min or give the "
             "learning-rate range the schedule spans"
         )
+
+
+# -- AE-SAM -----------------------------------------------------------------------------------
+#: AE-SAM's defaults: the EMA constant :math:`\delta` and the threshold schedule's ends.
+AE_SAM_DELTA = 0.9
+AE_SAM_C_START = 1.0
+AE_SAM_C_END = -1.0
+
+
+def ae_sam_statistics(sq_norm: Any, mean: Any, var: Any, *, delta: Any) -> tuple[Any, Any]:
+    r"""AE-SAM's running statistics of the squared clean-gradient norm, updated with step t.
+
+    .. math::
+
+        \mu_t = \delta\,\mu_{t-1} + (1 - \delta)\,\lVert g_t \rVert^2, \qquad
+        \sigma_t^2 = \delta\,\sigma_{t-1}^2 + (1 - \delta)\,(\lVert g_t \rVert^2 - \mu_t)^2,
+
+    in this order (the variance uses the *updated* mean), from
+    :math:`\mu_{-1} = \sigma_{-1}^2 = 0` (Jiang et al., "An Adaptive Policy to Employ
+    Sharpness-Aware Minimization", ICLR 2023, Algorithm 1). Pure arithmetic: Python floats,
+    0-d tensors or traced JAX arrays. Returns ``(mean, var)``.
+    """
+    mean = delta * mean + (1 - delta) * sq_norm
+    var = delta * var + (1 - delta) * (sq_norm - mean) ** 2
+    return mean, var
+
+
+def ae_sam_threshold(
+    step: Any,
+    *,
+    total_steps: int | None,
+    c_start: float = AE_SAM_C_START,
+    c_end: float = AE_SAM_C_END,
+    minimum: Callable[[Any, Any], Any] = min,
+) -> Any:
+    r"""AE-SAM's threshold coefficient :math:`c_t`, linear in the step.
+
+    .. math::
+
+        c_t = \frac{t'}{T}\,\lambda_1 + \Bigl(1 - \frac{t'}{T}\Bigr)\lambda_2, \qquad
+        t' = \min(t, T),
+
+    with :math:`\lambda_2` = ``c_start``, :math:`\lambda_1` = ``c_end``, :math:`T` =
+    ``total_steps`` and :math:`t` the number of steps taken so far (0 at the first). Under
+    the paper's model (:math:`\lVert g_t \rVert^2` normal with mean :math:`\mu_t` and
+    standard deviation :math:`\sigma_t`) step :math:`t` is a SAM step with probability
+    :math:`1 - \Phi(c_t)` (:func:`ae_sam_target_fraction`): a decreasing :math:`c_t` makes
+    SAM steps rarer early and more frequent late. ``total_steps=None``: :math:`c_t` is the
+    schedule's mean :math:`(\lambda_1 + \lambda_2) / 2` throughout (the same overall SAM
+    fraction to first order, without the rise). ``step`` may be a traced JAX scalar with
+    ``minimum=jnp.minimum``.
+    """
+    if total_steps is None:
+        return (c_start + c_end) / 2 + 0 * step
+    progress = minimum(step, total_steps) / total_steps
+    return progress * c_end + (1 - progress) * c_start
+
+
+def ae_sam_is_sam_step(
+    sq_norm: Any, mean: Any, var: Any, c: Any, *, sqrt: Callable[[Any], Any] = math.sqrt
+) -> Any:
+    r"""AE-SAM's rule: a SAM step when :math:`\lVert g_t \rVert^2 \ge \mu_t + c_t \sigma_t`.
+
+    ``mean`` and ``var`` are :math:`\mu_t`, :math:`\sigma_t^2` *after*
+    :func:`ae_sam_statistics` has folded :math:`\lVert g_t \rVert^2` in. A large squared
+    gradient norm relative to its recent history signals a sharp region, where the paper
+    takes SAM's step; elsewhere the base (ERM) step. A non-finite ``sq_norm`` compares
+    False (a plain step; backends also keep the statistics unchanged then).
+    """
+    return sq_norm >= mean + c * sqrt(var)
+
+
+def ae_sam_target_fraction(c: float) -> float:
+    r""":math:`1 - \Phi(c)`: the fraction of SAM steps the threshold :math:`c` targets under
+    the paper's normal model of :math:`\lVert g_t \rVert^2`."""
+    return 0.5 * math.erfc(c / math.sqrt(2.0))
+
+
+def validate_ae_sam(*, delta: Any, c_start: Any, c_end: Any, total_steps: Any) -> None:
+    """Raise unless AE-SAM's ``delta`` is in (0, 1), ``c_start`` / ``c_end`` are finite
+    numbers and ``total_steps`` is ``None`` or an int >= 1.
+
+    0-d arrays are accepted (``optax.inject_hyperparams`` turns numeric arguments into
+    arrays); traced ones are checked when they were concrete."""
+    number = _concrete_float("delta", delta)
+    if number is not None and not 0.0 < number < 1.0:
+        raise ValueError(
+            f"delta must be a number in (0, 1), the EMA constant of the gradient-norm "
+            f"statistics (the paper uses 0.9), got {delta!r}"
+        )
+    for name, value in (("c_start", c_start), ("c_end", c_end)):
+        number = _concrete_float(name, value)
+        if number is not None and not math.isfinite(number):
+            raise ValueError(
+                f"{name} must be a finite number (a threshold in standard deviations; "
+                f"the paper's schedule goes from c_start=1 to c_end=-1), got {value!r}"
+            )
+    if total_steps is None:
+        return
+    if getattr(total_steps, "shape", None) == () and "int" in str(getattr(total_steps, "dtype", "")):
+        try:
+            total_steps = int(total_steps)
+        except Exception:  # a tracer: checked when it was concrete
+            return
+    check_positive_int("total_steps", total_steps)

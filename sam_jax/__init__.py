@@ -16,6 +16,7 @@ from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps
 from sam_jax._sam import SAMState, sam
 from sam_jax._variants import (
+    AESAMState,
     EveryKSAMState,
     FriendlySAMState,
     GSAMState,
@@ -24,6 +25,7 @@ from sam_jax._variants import (
     SAMONState,
     VaSSOState,
     WSAMState,
+    ae_sam,
     every_k_sam,
     friendly_sam,
     gsam,
@@ -38,6 +40,7 @@ from sam_jax._variants import (
 )
 
 __all__ = [
+    "AESAMState",
     "BSAMState",
     "EveryKSAMState",
     "FriendlySAMState",
@@ -51,6 +54,7 @@ __all__ = [
     "VaSSOState",
     "WSAMState",
     "__version__",
+    "ae_sam",
     "asam_mask",
     "bsam",
     "bsam_noise",

@@ -20,6 +20,8 @@ factory           what changes                                  grad_fn calls / 
 ``looksam``       full SAM every k steps, reuse :math:`g_v`      1/k (+ the clean pass)
 ``every_k_sam``   SAM every k steps, clean gradient otherwise    1/k (+ the clean pass)
 ``momentum_sam``  perturb against a momentum trace, no clean g   1 (no clean pass)
+``ae_sam``        SAM only when the squared clean-gradient norm  SAM fraction (+ the
+                  is high for its running statistics             clean pass)
 ================  ============================================  ======================
 
 Every factory takes ``gc=False``: with ``gc=True`` the clean gradient is centralized
@@ -47,6 +49,7 @@ from ._ops import JaxOps
 from ._sam import _scalar, _split_grad_fn_output, _state_dtype
 
 __all__ = [
+    "AESAMState",
     "EveryKSAMState",
     "FriendlySAMState",
     "GSAMState",
@@ -55,6 +58,7 @@ __all__ = [
     "SAMONState",
     "VaSSOState",
     "WSAMState",
+    "ae_sam",
     "every_k_sam",
     "friendly_sam",
     "gsam",
@@ -1063,5 +1067,150 @@ def momentum_sam(
             trace=jax.tree.unflatten(jax.tree.structure(state.trace), trace),
         )
         return jax.tree.unflatten(treedef, g_s), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# -- AE-SAM ------------------------------------------------------------------------------------
+class AESAMState(NamedTuple):
+    r"""State of :func:`ae_sam`.
+
+    Attributes:
+        count: number of updates so far (int32, saturating): :math:`t` of the schedule.
+        grad_norm: the perturbation's norm on the last SAM step.
+        value: the clean loss :math:`L(w)` passed as ``value=`` to ``update``, else NaN.
+        perturbed_value: :math:`L(w + e)` of the last SAM step when known, else NaN
+            (``grad_norm``, ``value`` and ``sharpness`` also describe the last SAM step).
+        sharpness: ``perturbed_value - value`` (NaN unless both are known).
+        sq_norm_mean: :math:`\mu_t`, the running mean of :math:`\lVert g_t \rVert^2`.
+        sq_norm_var: :math:`\sigma_t^2`, its running variance.
+        sq_grad_norm: :math:`\lVert g_t \rVert^2` of the last update (NaN before one).
+        is_sam_step: whether the last update was a SAM step (``grad_fn`` called).
+        sam_count: number of SAM steps so far (int32): a run's passes are
+            ``count + sam_count``.
+    """
+
+    count: jax.Array
+    grad_norm: jax.Array
+    value: jax.Array
+    perturbed_value: jax.Array
+    sharpness: jax.Array
+    sq_norm_mean: jax.Array
+    sq_norm_var: jax.Array
+    sq_grad_norm: jax.Array
+    is_sam_step: jax.Array
+    sam_count: jax.Array
+
+
+def ae_sam(
+    rho: float | jax.Array = 0.05,
+    *,
+    delta: float = 0.9,
+    c_start: float = 1.0,
+    c_end: float = -1.0,
+    total_steps: int | None = None,
+    adaptive: bool = False,
+    eta: float | jax.Array = 0.01,
+    eps: float | jax.Array = 1e-12,
+    gc: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AE-SAM: SAM's gradient only where the squared clean-gradient norm is large.
+
+    Each update folds :math:`x_t = \lVert g_t \rVert^2` (``updates``, the clean gradient)
+    into exponential moving statistics and passes :math:`\nabla L(w + e)` (SAM's, or
+    ASAM's with ``adaptive=True``) when it exceeds their mean by :math:`c_t` standard
+    deviations, ``updates`` unchanged otherwise:
+
+    .. math::
+
+        \mu_t = \delta \mu_{t-1} + (1 - \delta) x_t, \qquad
+        \sigma_t^2 = \delta \sigma_{t-1}^2 + (1 - \delta) (x_t - \mu_t)^2, \qquad
+        \text{SAM step} \iff x_t \ge \mu_t + c_t \sigma_t,
+
+    from :math:`\mu_{-1} = \sigma_{-1}^2 = 0`, with
+    :math:`c_t = \frac{t'}{T} \lambda_1 + (1 - \frac{t'}{T}) \lambda_2`,
+    :math:`t' = \min(t, T)`, :math:`\lambda_2` = ``c_start``, :math:`\lambda_1` = ``c_end``,
+    :math:`T` = ``total_steps`` (``None``: :math:`c_t = (c_{start} + c_{end}) / 2`
+    throughout). Under the paper's normal model step :math:`t` is a SAM step with
+    probability :math:`1 - \Phi(c_t)` (half the steps over a run with the defaults); while
+    :math:`\mu_t` warms up from 0 (about :math:`1 / (1 - \delta)` steps) most steps are SAM
+    steps. The rule is :mod:`sam_core`'s (:func:`sam_core.ae_sam_statistics`,
+    :func:`sam_core.ae_sam_threshold`, :func:`sam_core.ae_sam_is_sam_step`) and
+    :class:`sam_torch.AESAM` follows the same trajectory. A non-finite :math:`x_t` leaves
+    the statistics unchanged and passes ``updates`` through. Reference: Jiang, Yang, Zhang
+    and Kwok, "An Adaptive Policy to Employ Sharpness-Aware Minimization", ICLR 2023
+    (Algorithm 1; ``delta=0.9``, ``c_start=1``, ``c_end=-1`` as we take them from its
+    experimental setup).
+
+    ``grad_fn`` is called only on SAM steps: under ``jit`` the branch is a
+    ``jax.lax.cond`` on the decision (a data-dependent one, so it cannot be chosen on the
+    host before the clean gradient exists), outside ``jit`` a Python ``if``. Cost:
+    :math:`1 + f` forward-backward passes per step, :math:`f` the fraction of SAM steps
+    (``state.sam_count / state.count``). On XLA:CPU a ``lax.cond`` around convolutions runs
+    them through a slow path (measured 20-30x for :func:`looksam`'s; jax-ml/jax#12868), so
+    there a convolutional model's SAM steps cost more than :func:`sam_jax.sam`'s; dense
+    models are not affected. Extra state: four scalars.
+    """
+    sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
+    sam_core.check_bool("gc", gc)
+    sam_core.validate_ae_sam(delta=delta, c_start=c_start, c_end=c_end, total_steps=total_steps)
+
+    def init_fn(params: optax.Params) -> AESAMState:
+        dtype = _state_dtype(jax.tree.leaves(params))
+        return AESAMState(
+            **_init_fields(params),
+            sq_norm_mean=jnp.zeros((), dtype),
+            sq_norm_var=jnp.zeros((), dtype),
+            sq_grad_norm=_nan(dtype),
+            is_sam_step=jnp.zeros((), jnp.bool_),
+            sam_count=jnp.zeros((), jnp.int32),
+        )
+
+    def update_fn(
+        updates: optax.Updates,
+        state: AESAMState,
+        params: optax.Params | None = None,
+        *,
+        grad_fn: GradFn | None = None,
+        value: Any = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, AESAMState]:
+        del extra_args
+        _check_call("ae_sam", params, grad_fn)
+        p, g, treedef = _flatten_pair("ae_sam", updates, params)
+        dtype = _state_dtype(p)
+        sq = jnp.asarray(_OPS.sum_of_squares(g)).astype(dtype) if g else jnp.zeros((), dtype)
+        finite = jnp.isfinite(sq)
+        c = sam_core.ae_sam_threshold(
+            state.count.astype(dtype), total_steps=total_steps, c_start=c_start, c_end=c_end,
+            minimum=jnp.minimum,
+        )
+        mean, var = sam_core.ae_sam_statistics(
+            sq, state.sq_norm_mean, state.sq_norm_var, delta=delta
+        )
+        mean = jnp.where(finite, mean, state.sq_norm_mean)
+        var = jnp.where(finite, var, state.sq_norm_var)
+        is_sam = finite & sam_core.ae_sam_is_sam_step(sq, mean, var, c, sqrt=jnp.sqrt)
+
+        def full(_: Any) -> tuple[Any, ...]:
+            point, norm = sam_core.perturbed_params(
+                _OPS, p, _clean_gradient(g, gc), rho=rho, adaptive=adaptive, eta=eta, eps=eps
+            )
+            g_s, p_value = _evaluate(grad_fn, treedef, point, g, dtype)
+            return g_s, _step_fields(state, norm, p_value, value, dtype)
+
+        def plain(_: Any) -> tuple[Any, ...]:
+            return list(g), _carried_fields(state)
+
+        u, fields = _branch(None, is_sam, full, plain)
+        new_state = AESAMState(
+            **fields,
+            sq_norm_mean=mean.astype(dtype),
+            sq_norm_var=var.astype(dtype),
+            sq_grad_norm=sq,
+            is_sam_step=jnp.asarray(is_sam),
+            sam_count=state.sam_count + jnp.asarray(is_sam).astype(jnp.int32),
+        )
+        return jax.tree.unflatten(treedef, u), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -19,6 +19,7 @@ from sam_torch._options import MomentumSAMOptions, SAMOptions
 from sam_torch._rng import RNGReplay
 from sam_torch._sam import SAM
 from sam_torch._variants import (
+    AESAM,
     GSAM,
     SAMON,
     WSAM,
@@ -33,6 +34,7 @@ from sam_torch._variants import (
 )
 
 __all__ = [
+    "AESAM",
     "BSAM",
     "GSAM",
     "SAM",

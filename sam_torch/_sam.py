@@ -836,6 +836,8 @@ class SAM(Optimizer):
             self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
+        if self._one_pass_step(loss):  # a form that chose a plain step from the clean gradient
+            return loss
         self.first_step()
         if self._skip_base_step:  # non-finite clean gradient: nothing perturbed, skip it all
             self.restore()
@@ -859,6 +861,12 @@ class SAM(Optimizer):
         self.loss = _detached(loss)
         self.perturbed_loss = _detached(perturbed_loss)
         return loss
+
+    def _one_pass_step(self, loss: Any) -> bool:
+        """Hook of ``step(closure)`` after the clean pass: a form that decides from the clean
+        gradient whether the step needs the perturbed pass (AE-SAM) takes a plain step here
+        and returns True; SAM always returns False (the perturbed pass follows)."""
+        return False
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,8 @@ class              what changes                                passes per step
 ``LookSAM``        full SAM every k steps, reuse :math:`g_v`    1 + 1/k
 ``EveryKSAM``      SAM every k steps, base step otherwise       1 + 1/k
 ``MomentumSAM``    perturb along the momentum, no clean pass    1
+``AESAM``          SAM only when :math:`\lVert g \rVert^2` is    1 + fraction of SAM
+                   high for its running statistics             steps
 =================  ==========================================  =====================
 
 Buffers a variant keeps between steps (FriendlySAM's average, LookSAM's :math:`g_v`) are
@@ -26,6 +28,7 @@ it is empty) and saved by :meth:`state_dict` under the key ``"sam_variant"``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,6 +45,7 @@ from ._options import BaseOptimizer, MomentumSAMOptions, Params, SAMOptions
 from ._sam import SAM, _by_device_and_dtype
 
 __all__ = [
+    "AESAM",
     "GSAM",
     "SAMON",
     "WSAM",
@@ -1096,3 +1100,195 @@ class MomentumSAM(_VariantSAM):
         self.loss = None
         self.perturbed_loss = _detached(loss)
         return loss
+
+
+# ----------------------------------------------------------------------------------------
+# AE-SAM
+# ----------------------------------------------------------------------------------------
+class AESAM(_VariantSAM):
+    r"""AE-SAM: a SAM step only where the squared clean-gradient norm is large, else a base step.
+
+    Each step folds :math:`x_t = \lVert g_t \rVert^2` (the clean gradient, global over all
+    groups) into exponential moving statistics and takes SAM's step when it exceeds their
+    mean by :math:`c_t` standard deviations, the base optimizer's step with :math:`g_t`
+    otherwise:
+
+    .. math::
+
+        \mu_t = \delta \mu_{t-1} + (1 - \delta) x_t, \qquad
+        \sigma_t^2 = \delta \sigma_{t-1}^2 + (1 - \delta) (x_t - \mu_t)^2, \qquad
+        \text{SAM step} \iff x_t \ge \mu_t + c_t \sigma_t,
+
+    from :math:`\mu_{-1} = \sigma_{-1}^2 = 0`, with the linear schedule
+    :math:`c_t = \frac{t'}{T} \lambda_1 + (1 - \frac{t'}{T}) \lambda_2`,
+    :math:`t' = \min(t, T)`, :math:`\lambda_2` = ``c_start``, :math:`\lambda_1` = ``c_end``,
+    :math:`T` = ``total_steps`` and :math:`t` the steps taken so far
+    (:func:`sam_core.ae_sam_statistics`, :func:`sam_core.ae_sam_threshold`,
+    :func:`sam_core.ae_sam_is_sam_step`). Under the paper's model (:math:`x_t` normal) step
+    :math:`t` is a SAM step with probability :math:`1 - \Phi(c_t)`: from 16 % at
+    :math:`c = 1` to 84 % at :math:`c = -1`, half the steps over the whole run with the
+    defaults; while :math:`\mu_t` warms up from 0 (about :math:`1 / (1 - \delta)` steps)
+    most steps are SAM steps. Reference: Jiang, Yang, Zhang and Kwok, "An Adaptive Policy to Employ
+    Sharpness-Aware Minimization", ICLR 2023 (Algorithm 1: the statistics updated with
+    :math:`x_t` before the comparison, the variance about the updated mean; the comparison
+    :math:`\ge`). The defaults ``delta=0.9``, ``c_start=1``, ``c_end=-1`` are the values
+    we take from the paper's experimental setup (a SAM fraction of about one half); the
+    statistics' zero start is the plain EMA convention.
+
+    Args:
+        params, base_optimizer, **options: as :class:`~sam_torch.SAM`
+            (:class:`~sam_torch.SAMOptions`; other keywords go to the base optimizer).
+        delta: the EMA constant :math:`\delta \in (0, 1)`.
+        c_start, c_end: :math:`c_t` at the first step and from step ``total_steps`` on.
+        total_steps: :math:`T`, the length of the schedule (the run's number of steps).
+            ``None``: :math:`c_t = (c_{start} + c_{end}) / 2` throughout (0 with the
+            defaults: half the steps, without the paper's rise over training).
+
+    The decision needs the clean gradient, so it is made in ``first_step()`` (or after the
+    clean pass of ``step(closure)``) and recorded in :attr:`last_step_was_sam`.
+    ``step(closure)`` calls the closure once on a plain step and twice on a SAM step. In
+    the two-step API ``first_step()`` decides and perturbs only on a SAM step, and
+    ``second_step()`` takes the base step either way; a loop that pays one pass on plain
+    steps runs the perturbed pass only when :attr:`is_perturbed`::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step()                 # decides; perturbs on a SAM step only
+        if opt.is_perturbed:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)  # the base step with g_s or g
+
+    (A loop that always runs the second pass is still correct: on a plain step the
+    parameters are at :math:`w`, so it recomputes :math:`g_t`.)
+
+    Cost: :math:`1 + f` passes per step, :math:`f` the fraction of SAM steps
+    (:attr:`sam_steps` / :attr:`variant_step`); one host read of :math:`x_t` per step (the
+    branch depends on it); no buffer beyond SAM's spare. The statistics are Python floats
+    (float64), saved by :meth:`state_dict`. A non-finite :math:`x_t` leaves them unchanged
+    and makes a plain step, which ``skip_nonfinite`` then skips.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: BaseOptimizer,
+        *,
+        delta: float = 0.9,
+        c_start: float = 1.0,
+        c_end: float = -1.0,
+        total_steps: int | None = None,
+        **options: Unpack[SAMOptions],
+    ) -> None:
+        sam_core.validate_ae_sam(
+            delta=delta, c_start=c_start, c_end=c_end, total_steps=total_steps
+        )
+        super().__init__(params, base_optimizer, **options)
+        self.delta = float(delta)
+        self.c_start = float(c_start)
+        self.c_end = float(c_end)
+        self.total_steps = total_steps
+        #: :math:`\mu_t` and :math:`\sigma_t^2`, the running statistics of :math:`x_t`.
+        self.sq_norm_mean = 0.0
+        self.sq_norm_var = 0.0
+        #: :math:`x_t` of the last decision (``None`` before the first, or without gradients).
+        self.sq_grad_norm: float | None = None
+        #: Whether the last (or current) step is a SAM step; ``None`` before the first.
+        self.last_step_was_sam: bool | None = None
+        #: Number of SAM steps taken (not skipped); plain ones are ``variant_step - sam_steps``.
+        self.sam_steps = 0
+        self._decision: bool | None = None
+
+    @property
+    def threshold(self) -> float:
+        """:math:`c_t` of the next decision."""
+        return float(
+            sam_core.ae_sam_threshold(
+                self.variant_step, total_steps=self.total_steps,
+                c_start=self.c_start, c_end=self.c_end,
+            )
+        )
+
+    def _decide(self) -> bool:
+        """Fold :math:`x_t` into the statistics and choose SAM or a plain step, once per step."""
+        if self._decision is not None:
+            return self._decision
+        plan = self._plan()
+        decision = False
+        if plan:
+            sq = float(_sum_scalars([ops.sum_of_squares(grads) for _, ops, _, grads, _ in plan]))
+            self.sq_grad_norm = sq
+            if math.isfinite(sq):
+                c = self.threshold
+                mean, var = sam_core.ae_sam_statistics(
+                    sq, self.sq_norm_mean, self.sq_norm_var, delta=self.delta
+                )
+                self.sq_norm_mean, self.sq_norm_var = mean, var
+                decision = bool(sam_core.ae_sam_is_sam_step(sq, mean, var, c))
+        else:
+            self.sq_grad_norm = None
+        self._decision = decision
+        self.last_step_was_sam = decision
+        return decision
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """Decide from the clean gradient; on a SAM step perturb as SAM does, else nothing."""
+        if self.is_perturbed or self._decide():
+            super().first_step(zero_grad, loss=loss)
+            return
+        self._clean_loss = _detached(loss)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, loss: Any = None) -> None:
+        """The base step: with :math:`\\nabla L(w + e)` after a SAM decision, else with the
+        gradient at :math:`w` as it is."""
+        if self._decision is False and not self.is_perturbed:
+            self._decision = None
+            if self._base_step(self._clean_loss):
+                self.variant_step += 1
+            if zero_grad:
+                self.zero_grad()
+            return
+        super().second_step(zero_grad, loss=loss)
+        self._decision = None
+        if not getattr(self, "step_skipped", False):
+            self.variant_step += 1
+            self.sam_steps += 1
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """As :meth:`SAM.restore <sam_torch.SAM.restore>`; also cancels a pending decision."""
+        self._decision = None
+        super().restore()
+
+    def _one_pass_step(self, loss: Any) -> bool:
+        if self._decide():
+            return False
+        self._decision = None
+        if self._base_step(loss):
+            self.variant_step += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["sam_variant"]["ae_sam"] = {
+            "sq_norm_mean": self.sq_norm_mean,
+            "sq_norm_var": self.sq_norm_var,
+            "sam_steps": self.sam_steps,
+            "last_step_was_sam": self.last_step_was_sam,
+            "sq_grad_norm": self.sq_grad_norm,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("sam_variant", {}).get("ae_sam")
+        super().load_state_dict(state_dict)
+        if saved is not None:
+            self.sq_norm_mean = float(saved["sq_norm_mean"])
+            self.sq_norm_var = float(saved["sq_norm_var"])
+            self.sam_steps = int(saved["sam_steps"])
+            self.last_step_was_sam = saved["last_step_was_sam"]
+            self.sq_grad_norm = saved["sq_grad_norm"]
+        self._decision = None
