@@ -398,3 +398,49 @@ def test_core_swp_perturbation_has_radius_rho_over_beta():
     assert math.isclose(math.sqrt(sum(float(np.sum(v * v)) for v in e)), 0.5, rel_tol=1e-12)
     assert np.all(e[0][~masks[0]] == 0) and np.all(e[1] == 0)
     assert math.isclose(float(norm), float(np.linalg.norm(grads[0][masks[0]])), rel_tol=1e-12)
+
+
+def test_jax_check_chain_knows_esam():
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import optax
+
+    import sam_jax
+
+    params = [jnp.ones(3)]
+    sam_jax.check_chain(optax.chain(sam_jax.esam(0.1), optax.sgd(0.1)), params)
+    with pytest.raises(ValueError):
+        sam_jax.check_chain(optax.chain(optax.sgd(0.1), sam_jax.esam(0.1)), params)
+
+
+def test_torch_selection_forward_replays_dropout_and_restores_on_error():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    import sam_torch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.5), nn.Linear(7, 3)).double()
+    opt = sam_torch.ESAM(model.parameters(), torch.optim.SGD, rho=0.0, gamma=0.5, lr=0.1)
+    x, t = (torch.from_numpy(a) for a in make_batches(1, n=B)[0])
+
+    def closure(index=None):
+        xs, ts = (x, t) if index is None else (x[index], t[index])
+        return ((model(xs) - ts) ** 2).mean(dim=1)
+
+    opt.step(closure)
+    # rho = 0: w + e = w, so with the clean call's dropout masks the losses are the same
+    assert torch.equal(opt.perturbed_loss, opt.loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = sam_torch.ESAM(model.parameters(), torch.optim.SGD, rho=0.1, gamma=0.5, lr=0.1)
+
+    def failing(index=None):
+        if index is not None:
+            raise RuntimeError("boom")
+        return closure()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing)
+    assert not opt.is_perturbed
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
