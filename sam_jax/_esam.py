@@ -115,6 +115,10 @@ def esam(
     is static (the losses' shape). ``masks`` (a tree like ``params`` of booleans, scalars or
     leaf-shaped) replaces the draw (:func:`esam_masks`); the key advances either way.
 
+    To schedule ``rho``, keep the static arguments static:
+    ``optax.inject_hyperparams(sam_jax.esam, static_args=("beta", "gamma", "mask",
+    "seed"))(rho=schedule, beta=0.5, gamma=0.5)``.
+
     Cost per step, with the caller's clean pass: one forward-backward on the batch, one
     forward and one forward-backward on :math:`\gamma B` examples. State: a key, counters.
 
@@ -184,13 +188,15 @@ def esam(
             out = _per_example("loss_fn(params)" if index is None else "loss_fn(params, index)", out)
             return jnp.mean(out), out
 
-        if gamma == 1.0:
-            (perturbed_value, _), u_tree = jax.value_and_grad(mean_loss, has_aux=True)(point_tree)
-        else:
+        k = batch = None
+        if gamma < 1.0:
             if losses is None:
                 losses = _per_example("loss_fn(params)", loss_fn(params))
             batch = losses.shape[0]
             k = sam_core.sds_count(batch, gamma)
+        if k == batch:  # gamma = 1 (or a batch too small to drop one): SAM's perturbed pass
+            (perturbed_value, _), u_tree = jax.value_and_grad(mean_loss, has_aux=True)(point_tree)
+        else:
             perturbed = jax.lax.stop_gradient(
                 _per_example("loss_fn(params)", loss_fn(point_tree), size=batch)
             )

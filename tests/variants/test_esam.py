@@ -444,3 +444,34 @@ def test_torch_selection_forward_replays_dropout_and_restores_on_error():
     assert not opt.is_perturbed
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
+
+
+def test_jax_rho_schedule_under_inject_hyperparams_and_jit():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import optax
+
+    import sam_jax
+
+    tx = optax.inject_hyperparams(sam_jax.esam, static_args=("beta", "gamma", "mask", "seed"))(
+        rho=optax.linear_schedule(0.0, 0.1, 10), beta=0.5, gamma=0.5
+    )
+    ps = [jnp.ones((4, 3))]
+    x = jnp.arange(24.0).reshape(8, 3) / 10
+
+    def loss_fn(p, index=None):
+        xs = x if index is None else x[index]
+        return ((xs @ p[0].T) ** 2).mean(1)
+
+    @jax.jit
+    def step(ps, state):
+        grads = jax.grad(lambda p: loss_fn(p).mean())(ps)
+        updates, state = tx.update(grads, state, ps, loss_fn=loss_fn)
+        return optax.apply_updates(ps, updates), state
+
+    state = tx.init(ps)
+    for _ in range(3):
+        ps, state = step(ps, state)
+    assert int(state.inner_state.count) == 3
+    assert np.isclose(float(state.hyperparams["rho"]), 0.02)  # the third update's rho
+    assert np.all(np.isfinite(np.asarray(ps[0])))
