@@ -475,3 +475,58 @@ def test_jax_rho_schedule_under_inject_hyperparams_and_jit():
     assert int(state.inner_state.count) == 3
     assert np.isclose(float(state.hyperparams["rho"]), 0.02)  # the third update's rho
     assert np.all(np.isfinite(np.asarray(ps[0])))
+
+
+def test_torch_batchnorm_statistics_from_the_clean_pass_and_nonfinite_skip():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    import sam_torch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).double()
+    reference = copy.deepcopy(model)
+    opt = sam_torch.ESAM(model.parameters(), torch.optim.SGD, rho=0.1, gamma=0.5, lr=0.1,
+                         model=model)
+    x, t = (torch.from_numpy(a) for a in make_batches(1, n=B)[0])
+
+    def closure(index=None, scale=1.0):
+        xs, ts = (x, t) if index is None else (x[index], t[index])
+        return scale * ((model(xs) - ts) ** 2).mean(dim=1)
+
+    opt.step(closure)
+    reference(x)  # one clean forward in training mode
+    bn, ref = model[1], reference[1]
+    assert torch.equal(bn.running_mean, ref.running_mean)
+    assert torch.equal(bn.num_batches_tracked, ref.num_batches_tracked)
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.step(lambda index=None: closure(index, scale=float("nan")))
+    assert opt.step_skipped
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+
+
+def test_core_selection_property():
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    floats = st.floats(-1e3, 1e3, allow_nan=False)
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.lists(st.tuples(floats, floats), min_size=1, max_size=30),
+           st.floats(0.01, 1.0))
+    def check(pairs, gamma):
+        clean = np.array([a for a, _ in pairs])
+        perturbed = np.array([b for _, b in pairs])
+        k = sam_core.sds_count(len(pairs), gamma)
+        idx = sam_core.sds_select(
+            clean, perturbed, k, top_k=lambda x, n: np.argsort(-x, kind="stable")[:n],
+            sort=np.sort,
+        )
+        rise = perturbed - clean
+        rest = np.setdiff1d(np.arange(len(pairs)), idx)
+        assert len(idx) == k == max(1, min(len(pairs), math.floor(gamma * len(pairs) + 1e-9)))
+        assert rest.size == 0 or rise[idx].min() >= rise[rest].max()
+
+    check()
