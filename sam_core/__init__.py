@@ -14,6 +14,14 @@ from sam_core._bsam import (
     bsam_step,
     validate_bsam,
 )
+from sam_core._esam import (
+    esam_perturbed_params,
+    sds_count,
+    sds_select,
+    swp_masked_gradient,
+    swp_rho,
+    validate_esam,
+)
 from sam_core._gc import centralize, centralized_axes
 from sam_core._math import (
     apply_perturbation,
@@ -91,6 +99,7 @@ __all__ = [
     "check_unit_interval",
     "direction_and_sq_norm",
     "ema_update",
+    "esam_perturbed_params",
     "friendly_direction",
     "friendly_momentum_update",
     "global_norm",
@@ -109,8 +118,13 @@ __all__ = [
     "projection_coefficient",
     "proportional_rho",
     "rho_warmup",
+    "sds_count",
+    "sds_select",
+    "swp_masked_gradient",
+    "swp_rho",
     "validate_ae_sam",
     "validate_bsam",
+    "validate_esam",
     "validate_friendly_sam",
     "validate_gsam",
     "validate_interval",

@@ -11,6 +11,7 @@ from sam_jax import _framework  # noqa: F401  (before the rest: without JAX and 
 from sam_jax._asam import asam_mask
 from sam_jax._bsam import BSAMState, bsam, bsam_noise, predictive
 from sam_jax._chain import check_chain
+from sam_jax._esam import ESAMState, esam, esam_masks
 from sam_jax._grad_fn import FullParamsGradFn, with_full_params
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps
@@ -42,6 +43,7 @@ from sam_jax._variants import (
 __all__ = [
     "AESAMState",
     "BSAMState",
+    "ESAMState",
     "EveryKSAMState",
     "FriendlySAMState",
     "FullParamsGradFn",
@@ -61,6 +63,8 @@ __all__ = [
     "check_chain",
     "chunk_batch",
     "diagnostics",
+    "esam",
+    "esam_masks",
     "every_k_sam",
     "friendly_sam",
     "gsam",

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ._esam import ESAMState
 from ._grad_fn import PerturbationFound, PerturbationProbe, restrict
 from ._sam import SAMState
 from ._variants import (
@@ -42,6 +43,7 @@ _SAM_STATES = (
     SAMONState,
     VaSSOState,
     WSAMState,
+    ESAMState,
 )
 
 

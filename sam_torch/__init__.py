@@ -13,6 +13,7 @@ from sam_torch._asam import asam_param_groups
 from sam_torch._bn import disable_running_stats, enable_running_stats
 from sam_torch._bsam import BSAM, predictive
 from sam_torch._distributed import clean_pass
+from sam_torch._esam import ESAM
 from sam_torch._msharpness import m_sharpness_step
 from sam_torch._ops import TorchOps
 from sam_torch._options import MomentumSAMOptions, SAMOptions
@@ -36,6 +37,7 @@ from sam_torch._variants import (
 __all__ = [
     "AESAM",
     "BSAM",
+    "ESAM",
     "GSAM",
     "SAM",
     "SAMON",
