@@ -300,8 +300,11 @@ def test_cifar_runs_go_through_the_examples_training(
     alphas = res["landscape"]["alphas"]
     probe = data_mod.load_training_data(accuracy.cifar_config("SGD", budget, str(data))).train
     probe = data_mod.Split(probe.images[:500], probe.labels[:500])
+    (xb, yb), = data_mod.batches(probe, 500)  # the probe as the section feeds it, one batch
+    x, y = torch.from_numpy(data_mod.to_nchw(xb)), torch.from_numpy(yb)
     for kind, model in (("SGD", models[0]), ("SAM", models[1])):
-        expected = accuracy.loss_landscape(model, probe, data_mod, np.array([0.0]))[0]
+        with torch.no_grad():  # the model's own training loss, eval mode, whole probe at once
+            expected = float(torch.nn.functional.cross_entropy(model.eval()(x), y))
         assert res["landscape"]["train_loss"][kind][alphas.index(0.0)] == pytest.approx(
             expected, rel=1e-6)
     text = "\n".join(accuracy.report(res))
