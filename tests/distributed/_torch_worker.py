@@ -8,6 +8,7 @@ whether ``restore()`` gave the weights back bit for bit. Results go to ``out_dir
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -255,5 +256,8 @@ def worker(rank: int, port: int, out_dir: str, parts: tuple[str, ...]) -> None:
         if "dtensor" in parts:
             results.update(run_dtensor(rank, problem))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        del results
+        gc.collect()  # nothing that holds the group freed after it is gone (see _zero_worker)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -4,6 +4,7 @@ modes, the per-rank optimizer-state bytes, and a consolidated checkpoint resumed
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -106,5 +107,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.save(run(rank, ref.make_problem()), os.path.join(out_dir, f"rank{rank}.pt"))
+        # ZeRO's and DDP's objects hold the process group; one kept alive by a reference cycle
+        # would be freed only at interpreter exit, after the group is gone, which aborts the
+        # process ("terminate called without an active exception"). Free them first, and let
+        # no rank tear the group down while the other still uses it.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
