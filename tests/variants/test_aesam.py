@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import sam_core
 from tests.helpers import jax_x64, max_rel_diff
 from tests.reference import SGDRef, init_mlp, make_batches, mlp_loss_and_grad
+from tests.variants.reference import _flat, _unflat
 
 LR, MOM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
 STEPS, TOTAL = 24, 24
@@ -22,18 +23,6 @@ EPS = 1e-12
 
 
 # -- the reference: Algorithm 1 of the paper, written out on the flat parameter vector -------
-def _flat(xs):
-    return np.concatenate([np.ravel(x) for x in xs])
-
-
-def _unflat(v, like):
-    out, i = [], 0
-    for x in like:
-        out.append(v[i : i + x.size].reshape(x.shape))
-        i += x.size
-    return out
-
-
 def reference(params, batches, *, delta=0.9, c_start=1.0, c_end=-1.0, total_steps=TOTAL):
     """Float64 AE-SAM with SGD(momentum, weight decay).
 

@@ -15,20 +15,9 @@ import pytest
 
 from tests.helpers import max_rel_diff
 from tests.reference import SGDRef, init_mlp, make_batches, mlp_loss_and_grad
+from tests.variants.reference import _flat, _unflat
 
 LR, MOM, WD, STEPS = 0.1, 0.9, 5e-4, 10
-
-
-def _flat(xs):
-    return np.concatenate([np.ravel(x) for x in xs])
-
-
-def _unflat(v, like):
-    out, i = [], 0
-    for x in like:
-        out.append(v[i : i + x.size].reshape(x.shape))
-        i += x.size
-    return out
 
 
 def paper_looksam(params, batches, *, k, alpha, rhos):
