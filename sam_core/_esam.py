@@ -130,8 +130,16 @@ def sds_select(
     return sort(top_k(perturbed_losses - clean_losses, k))
 
 
-def validate_esam(*, beta: Any, gamma: Any) -> None:
-    """Raise ``ValueError`` unless ESAM's ``beta`` and ``gamma`` are in (0, 1]."""
+def validate_esam(*, beta: Any, gamma: Any, mask: Any = "tensor", seed: Any = 0) -> None:
+    """Raise ``ValueError`` unless ESAM's ``beta`` and ``gamma`` are in (0, 1] and ``mask`` is
+    ``"tensor"`` or ``"element"``; ``TypeError`` unless ``seed`` is an int (both backends)."""
+    if mask not in ("tensor", "element"):
+        raise ValueError(
+            f"mask must be 'tensor' (one draw per parameter tensor or pytree leaf, the official "
+            f"code's) or 'element' (one per weight), got {mask!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     for name, value in (("beta", beta), ("gamma", gamma)):
         number = _concrete_float(name, value)
         if number is None:

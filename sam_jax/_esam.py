@@ -132,14 +132,7 @@ def esam(
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
     sam_core.check_bool("gc", gc)
-    sam_core.validate_esam(beta=beta, gamma=gamma)
-    if mask not in ("tensor", "element"):
-        raise ValueError(
-            f"mask must be 'tensor' (one draw per leaf, the official code's) or 'element' (one "
-            f"per weight), got {mask!r}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    sam_core.validate_esam(beta=beta, gamma=gamma, mask=mask, seed=seed)
     beta = float(beta)
     gamma = float(gamma)
 

@@ -98,14 +98,7 @@ class ESAM(SAM):
         seed: int = 0,
         **options: Unpack[SAMOptions],
     ) -> None:
-        sam_core.validate_esam(beta=beta, gamma=gamma)
-        if mask not in ("tensor", "element"):
-            raise ValueError(
-                f"mask must be 'tensor' (one draw per parameter tensor, the official code's) or "
-                f"'element' (one per weight), got {mask!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        sam_core.validate_esam(beta=beta, gamma=gamma, mask=mask, seed=seed)
         super().__init__(params, base_optimizer, **options)
         self.beta = float(beta)
         self.gamma = float(gamma)
