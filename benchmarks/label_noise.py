@@ -59,16 +59,21 @@ from typing import Any
 from benchmarks._timing import limit_threads_env, machine_info
 
 __all__ = [
+    "BUDGETS",
     "DATASET_SETTINGS",
     "PRESETS",
     "OptimizerSpec",
     "RunSpec",
+    "budget_lines",
+    "cheap_form_targets",
     "form_options",
+    "gain_share",
     "in_grid",
     "main",
     "merge_runs",
     "parse_optimizer",
     "plan_runs",
+    "plot_pareto",
     "rho_for",
     "rho_warmup_of",
     "run_key",
@@ -877,6 +882,135 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------
+# Cost against accuracy (issue 26): the Pareto plot, the budget table, the cheap-form target
+# ---------------------------------------------------------------------------------------
+
+#: The budgets of "which SAM for my budget": training time as a multiple of SGD's.
+BUDGETS = (1.1, 1.3, 1.6, 2.2)
+#: The cheap-form target: at <= 1.3x SGD's training time, >= 80 % of SAM's gain over SGD.
+CHEAP_RATIO, CHEAP_SHARE = 1.3, 0.8
+
+
+def _frontier_groups(
+    rows: list[dict[str, Any]],
+) -> dict[tuple[Any, ...], tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]]:
+    """Per (dataset, noise, backend): SGD's grid row, plain SAM's grid row and every grid row
+    with a measured ``wall_time_ratio`` (SGD included)."""
+    out: dict[tuple[Any, ...], Any] = {}
+    for r in rows:
+        k = (r["dataset"], r["label_noise"], r["backend"])
+        sgd, sam, timed = out.get(k, (None, None, []))
+        if r["optimizer"] == "sgd":
+            sgd = r
+        elif r["optimizer"] == "sam" and not r["m_sharpness"]:
+            sam = r
+        if r.get("wall_time_ratio") is not None and r.get("final_test_acc") is not None:
+            timed = [*timed, r]
+        out[k] = (sgd, sam, timed)
+    return out
+
+
+def gain_share(row: dict[str, Any], sgd: dict[str, Any], sam: dict[str, Any]) -> float | None:
+    """The share of SAM's gain over SGD that ``row`` keeps: ``(acc - acc_SGD) / (acc_SAM -
+    acc_SGD)`` on the mean final test accuracies; ``None`` when SAM gains nothing."""
+    base, full = sgd["final_test_acc"][0], sam["final_test_acc"][0]
+    if full <= base:
+        return None
+    return (row["final_test_acc"][0] - base) / (full - base)
+
+
+def budget_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """"Which SAM for my budget": per dataset, noise and backend, the form with the best mean
+    final test accuracy among those whose mean training time is within each budget of
+    :data:`BUDGETS` (and without a budget), with its share of SAM's gain."""
+    lines: list[str] = []
+    for (dataset, noise, backend), (sgd, sam, timed) in sorted(_frontier_groups(rows).items()):
+        if sgd is None or sam is None or len(timed) < 2:
+            continue
+        if not lines:
+            lines += [
+                "| dataset | noise | backend | time budget (x SGD) | best form within it "
+                "| final test acc | share of SAM's gain | passes/step | time / SGD |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+        for budget in (*BUDGETS, None):
+            fits = [r for r in timed if budget is None or r["wall_time_ratio"][0] <= budget]
+            if not fits:
+                continue
+            best = max(fits, key=lambda r: r["final_test_acc"][0])
+            share = gain_share(best, sgd, sam)
+            lines.append(
+                f"| {dataset} | {round(100 * noise)} % | {backend} "
+                f"| {'any' if budget is None else f'<= {budget:g}'} | {best['label']} "
+                f"| {_pct(best['final_test_acc'])} "
+                f"| {'–' if share is None else f'{100 * share:.0f} %'} | {_cost(best)} |"
+            )
+    return lines
+
+
+def cheap_form_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The target of issue 26 per dataset, noise and backend: some form at <= 1.3x SGD's
+    training time keeps >= 80 % of SAM's gain over SGD (mean final test accuracies)."""
+    lines = []
+    for (dataset, noise, backend), (sgd, sam, timed) in sorted(_frontier_groups(rows).items()):
+        if sgd is None or sam is None:
+            continue
+        cheap = [r for r in timed if r["optimizer"] != "sgd"
+                 and r["wall_time_ratio"][0] <= CHEAP_RATIO]
+        head = f"- {dataset}, {round(100 * noise)} % noise, {backend}"
+        if not cheap:
+            lines.append(f"{head}: no form measured at <= {CHEAP_RATIO:g}x SGD's time: MISS")
+            continue
+        best = max(cheap, key=lambda r: gain_share(r, sgd, sam) or -1.0)
+        share = gain_share(best, sgd, sam)
+        ok = share is not None and share >= CHEAP_SHARE
+        lines.append(
+            f"{head}: {best['label']} at {best['wall_time_ratio'][0]:.2f}x SGD's time keeps "
+            + ("–" if share is None else f"{100 * share:.0f} %")
+            + f" of SAM's gain (>= {100 * CHEAP_SHARE:.0f} % at <= {CHEAP_RATIO:g}x): "
+            + ("PASS" if ok else "MISS")
+        )
+    return lines
+
+
+def plot_pareto(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """``pareto-<dataset>.png``: final test accuracy against training time relative to SGD,
+    a point per form with its seed spread (mean ± sd on both axes), a panel per backend, at
+    the dataset's default noise level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    groups = _frontier_groups(rows)
+    for dataset in sorted({k[0] for k in groups}):
+        default = DATASET_SETTINGS.get(dataset, {}).get("config", {}).get("label_noise")
+        panels = [(k, v) for k, v in sorted(groups.items())
+                  if k[0] == dataset and k[1] == default and len(v[2]) >= 2]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+        for ax, ((_, noise, backend), (_, _, timed)) in zip(axes[0], panels, strict=True):
+            for i, r in enumerate(sorted(timed, key=lambda r: r["wall_time_ratio"][0])):
+                (x, dx), (y, dy) = r["wall_time_ratio"], r["final_test_acc"]
+                ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt="o", color=f"C{i % 10}",
+                            capsize=3, label=f"{r['label']} ({len(r['seeds'])} seeds)")
+            ax.axvline(CHEAP_RATIO, color="0.6", linestyle=":", linewidth=1)
+            ax.set_title(f"{dataset}, {round(100 * noise)} % label noise, {backend}")
+            ax.set_xlabel("training time / SGD's (same invocation)")
+            ax.set_ylabel("final test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        name = f"pareto-{dataset}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
 def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[str]:
     """``curves-<dataset>.png`` per dataset: test accuracy and noisy_fit per epoch, mean over
     seeds per backend and optimizer (grid runs at the dataset's default noise level, else
@@ -1006,7 +1140,23 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         lines.append("")
     lines += sharpness_lines(runs)  # issue 27
     lines += [f"![loss landscapes]({name})" for name in plot_landscapes(runs, out)] + [""]
-    targets = check_targets(rows)
+    budget = budget_lines(rows)
+    if budget:
+        lines += [
+            "## Which SAM for my budget",
+            "",
+            "Per budget of training time (a multiple of SGD's, measured in the same "
+            "invocation), the grid form with the best mean final test accuracy among those "
+            "whose mean time is within it, and its share of SAM's gain over SGD, "
+            "`(acc - acc_SGD) / (acc_SAM - acc_SGD)`. Only runs that carry a measured time "
+            "ratio count. The Pareto plot shows every form with its seed spread.",
+            "",
+            *budget,
+            "",
+            *[f"![accuracy against cost]({name})" for name in plot_pareto(rows, out)],
+            "",
+        ]
+    targets = check_targets(rows) + cheap_form_targets(rows)
     if targets:
         lines += ["## Targets", "", *targets, ""]
     every = [r for r in summarize(runs, "all") if r["optimizer"] != "sgd"]
