@@ -991,11 +991,13 @@ def plot_pareto(rows: list[dict[str, Any]], out: Path) -> list[str]:
                   if k[0] == dataset and k[1] == default and len(v[2]) >= 2]
         if not panels:
             continue
+        labels = sorted({r["label"] for _, (_, _, timed) in panels for r in timed})
+        color = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # the same per form
         fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
         for ax, ((_, noise, backend), (_, _, timed)) in zip(axes[0], panels, strict=True):
-            for i, r in enumerate(sorted(timed, key=lambda r: r["wall_time_ratio"][0])):
+            for r in sorted(timed, key=lambda r: r["wall_time_ratio"][0]):
                 (x, dx), (y, dy) = r["wall_time_ratio"], r["final_test_acc"]
-                ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt="o", color=f"C{i % 10}",
+                ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt="o", color=color[r["label"]],
                             capsize=3, label=f"{r['label']} ({len(r['seeds'])} seeds)")
             ax.axvline(CHEAP_RATIO, color="0.6", linestyle=":", linewidth=1)
             ax.set_title(f"{dataset}, {round(100 * noise)} % label noise, {backend}")
