@@ -373,22 +373,26 @@ class MESA(_Trajectory):
         #: The EMA weights :math:`\bar w`, one per parameter, in param-group order.
         self.ema = [p.detach().clone() for p in self._params]
         self._ema_of = {id(p): e for p, e in zip(self._params, self.ema, strict=True)}
+        # One multi-tensor update per (device, dtype), with its lists and the decay as a
+        # tensor made once: step() allocates nothing but the kernels' temporaries.
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(self._params):
             groups.setdefault((p.device, p.dtype), []).append(i)
-        self._groups = [
-            (TorchOps(device, dtype, foreach=True), torch.tensor(self.decay, device=device, dtype=TorchOps(device, dtype, True).acc_dtype), idx)
-            for (device, dtype), idx in groups.items()
-        ]
+        self._groups: list[tuple[TorchOps, Tensor, list[Tensor], list[Tensor]]] = []
+        for (device, dtype), idx in groups.items():
+            ops = TorchOps(device, dtype, foreach=True)
+            decay_t = torch.tensor(self.decay, device=device, dtype=ops.acc_dtype)
+            self._groups.append(
+                (ops, decay_t, [self.ema[i] for i in idx], [self._params[i].detach() for i in idx])
+            )
 
     def active(self, epoch: int) -> bool:
         """Whether the trajectory loss is on at zero-based ``epoch``."""
         return bool(sam_core.trajectory_active(_check_epoch(epoch), self.start_epoch, self.end_epoch))
 
     def _after_step(self) -> None:
-        for ops, decay, idx in self._groups:
-            ema = [self.ema[i] for i in idx]
-            sam_core.ema_update(ops, ema, [self._params[i].detach() for i in idx], decay, out=ema)
+        for ops, decay, ema, params in self._groups:
+            sam_core.ema_update(ops, ema, params, decay, out=ema)
 
     @contextlib.contextmanager
     def _eval(self, model: nn.Module) -> Iterator[None]:
