@@ -46,6 +46,22 @@ def _check_logits(logits: Any) -> jax.Array:
     return logits
 
 
+def _check_indices(indices: Any, num_examples: int) -> jax.Array:
+    indices = jnp.asarray(indices)
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(f"indices must be integers (training-set positions), got dtype {indices.dtype}")
+    if not isinstance(indices, jax.core.Tracer) and indices.size:
+        # Out-of-range positions would be clamped silently by JAX's indexing; checked where
+        # the values are known (outside jit).
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= num_examples:
+            raise ValueError(
+                f"indices must be training-set positions in [0, num_examples={num_examples}), "
+                f"got values in [{low}, {high}]; pass num_examples=len(train_set)"
+            )
+    return indices
+
+
 def _gated(loss: jax.Array, epoch: Any, start_epoch: jax.Array, end_epoch: jax.Array) -> jax.Array:
     active = sam_core.trajectory_active(jnp.asarray(epoch, jnp.int32), start_epoch, end_epoch)
     return jnp.where(active, loss, jnp.zeros_like(loss))
@@ -122,7 +138,7 @@ def saf_trajectory_loss(state: SAFState, logits: jax.Array, indices: jax.Array, 
     logits = _check_logits(logits)
     lag = state.memory.shape[0]
     slot = sam_core.saf_slot(jnp.asarray(epoch, jnp.int32), lag)
-    reference = state.memory[slot][jnp.asarray(indices)]
+    reference = state.memory[slot][_check_indices(indices, state.memory.shape[1])]
     loss = _kl(logits, reference, state.temperature, state.lmbda)
     return _gated(loss, epoch, state.start_epoch, state.end_epoch)
 
@@ -221,7 +237,7 @@ def saf(
                 "opt.update(grads, state, params, logits=logits, indices=indices, epoch=epoch)"
             )
         logits = _check_logits(logits)
-        indices = jnp.asarray(indices)
+        indices = _check_indices(indices, num_examples)
         if indices.shape != (logits.shape[0],):
             raise ValueError(
                 f"indices must have shape ({logits.shape[0]},), one training-set index per row "

@@ -269,6 +269,13 @@ class SAF(_Trajectory):
             )
         if indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise TypeError(f"indices must be an integer tensor, got dtype {indices.dtype}")
+        if indices.device.type == "cpu" and indices.numel():  # free to check here (no device sync)
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.num_examples:
+                raise ValueError(
+                    f"indices must be training-set positions in [0, num_examples={self.num_examples}), "
+                    f"got values in [{low}, {high}]; pass num_examples=len(train_set)"
+                )
         memory = self._memory_for(logits)
         indices = indices.to(memory.device, torch.long, non_blocking=True)
         slot = memory[sam_core.saf_slot(epoch, self.lag_epochs)]

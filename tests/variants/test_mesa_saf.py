@@ -432,6 +432,8 @@ def test_call_errors_name_the_fix():
     logits = torch.zeros(B, C)
     with pytest.raises(ValueError, match="one training-set index per row"):
         saf.trajectory_loss(logits, torch.arange(B + 1), 0)
+    with pytest.raises(ValueError, match=r"indices must be training-set positions in \[0, num_examples=12\)"):
+        saf.trajectory_loss(logits, torch.arange(B) + N - 1, 0)
     with pytest.raises(TypeError, match="epoch must be the zero-based epoch"):
         saf.trajectory_loss(logits, torch.arange(B), 0.5)
     with pytest.raises(ValueError, match="logits must be the model's outputs of shape"):
@@ -443,3 +445,48 @@ def test_call_errors_name_the_fix():
         mesa.ema_outputs(None, logits)
     with pytest.raises(TypeError, match="base_optimizer must be an optimizer class"):
         sam_torch.MESA([p], torch.optim.SGD([p], lr=0.1))
+
+
+def test_jax_call_errors():
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import optax
+
+    import sam_jax
+
+    opt = sam_jax.saf(optax.sgd(0.1), num_examples=N, num_classes=C)
+    state = opt.init([jnp.zeros(2)])
+    logits = jnp.zeros((B, C))
+    with pytest.raises(ValueError, match="indices must be training-set positions"):
+        state.trajectory_loss(logits, jnp.arange(B) + N, 0)
+    with pytest.raises(ValueError, match="pass them"):
+        opt.update([jnp.zeros(2)], state, [jnp.zeros(2)])
+    mesa = sam_jax.mesa(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="pass params to update"):
+        mesa.update([jnp.zeros(2)], mesa.init([jnp.zeros(2)]))
+
+
+def test_property_shift_invariance_and_nonnegativity():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    torch = pytest.importorskip("torch")
+
+    def loss(z, r, tau):
+        return float(sam_core.trajectory_loss(
+            torch.tensor(z), torch.tensor(r), temperature=tau, lmbda=1.0,
+            log_softmax=lambda v: torch.log_softmax(v, -1), exp=torch.exp,
+        ))
+
+    @hypothesis.settings(max_examples=20, deadline=None)
+    @hypothesis.given(st.integers(0, 2**31 - 1), st.floats(0.5, 10.0), st.floats(-50.0, 50.0))
+    def check(seed, tau, shift):
+        rng = np.random.default_rng(seed)
+        z, r = rng.standard_normal((3, 4)) * 4, rng.standard_normal((3, 4)) * 4
+        base = loss(z, r, tau)
+        assert base >= -1e-12
+        np.testing.assert_allclose(base, _kl_loss(z, r, tau, 1.0), rtol=1e-9, atol=1e-12)
+        # softmax ignores a per-row shift of either side's logits
+        np.testing.assert_allclose(loss(z + shift, r - shift, tau), base, rtol=1e-9, atol=1e-11)
+        assert abs(loss(r + shift, r, tau)) < 1e-11
+
+    check()
