@@ -32,6 +32,15 @@ from sam_core._math import (
     perturbed_params,
 )
 from sam_core._ops import ArrayListOps, NumpyOps
+from sam_core._saf import (
+    MESA_DEFAULTS,
+    SAF_DEFAULTS,
+    saf_slot,
+    trajectory_active,
+    trajectory_loss,
+    validate_mesa,
+    validate_saf,
+)
 from sam_core._validation import (
     check_bool,
     check_nonnegative,
@@ -76,6 +85,8 @@ from sam_core._variants import (
 from sam_core._version import __version__
 
 __all__ = [
+    "MESA_DEFAULTS",
+    "SAF_DEFAULTS",
     "ArrayListOps",
     "NumpyOps",
     "__version__",
@@ -118,10 +129,13 @@ __all__ = [
     "projection_coefficient",
     "proportional_rho",
     "rho_warmup",
+    "saf_slot",
     "sds_count",
     "sds_select",
     "swp_masked_gradient",
     "swp_rho",
+    "trajectory_active",
+    "trajectory_loss",
     "validate_ae_sam",
     "validate_bsam",
     "validate_esam",
@@ -129,8 +143,10 @@ __all__ = [
     "validate_gsam",
     "validate_interval",
     "validate_looksam",
+    "validate_mesa",
     "validate_proportional_rho",
     "validate_rho_warmup",
+    "validate_saf",
     "validate_sam",
     "validate_vasso",
     "validate_wsam",

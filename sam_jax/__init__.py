@@ -16,6 +16,14 @@ from sam_jax._grad_fn import FullParamsGradFn, with_full_params
 from sam_jax._msharpness import chunk_batch, m_sharpness_update
 from sam_jax._ops import JaxOps
 from sam_jax._sam import SAMState, sam
+from sam_jax._trajectory import (
+    MESAState,
+    SAFState,
+    mesa,
+    mesa_trajectory_loss,
+    saf,
+    saf_trajectory_loss,
+)
 from sam_jax._variants import (
     AESAMState,
     EveryKSAMState,
@@ -50,7 +58,9 @@ __all__ = [
     "GSAMState",
     "JaxOps",
     "LookSAMState",
+    "MESAState",
     "MomentumSAMState",
+    "SAFState",
     "SAMONState",
     "SAMState",
     "VaSSOState",
@@ -70,11 +80,15 @@ __all__ = [
     "gsam",
     "looksam",
     "m_sharpness_update",
+    "mesa",
+    "mesa_trajectory_loss",
     "momentum_sam",
     "normalization_mask",
     "predictive",
     "proportional_rho_schedule",
     "rho_warmup_schedule",
+    "saf",
+    "saf_trajectory_loss",
     "sam",
     "samon",
     "vasso",

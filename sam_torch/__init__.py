@@ -19,6 +19,7 @@ from sam_torch._ops import TorchOps
 from sam_torch._options import MomentumSAMOptions, SAMOptions
 from sam_torch._rng import RNGReplay
 from sam_torch._sam import SAM
+from sam_torch._trajectory import MESA, SAF
 from sam_torch._variants import (
     AESAM,
     GSAM,
@@ -39,6 +40,8 @@ __all__ = [
     "BSAM",
     "ESAM",
     "GSAM",
+    "MESA",
+    "SAF",
     "SAM",
     "SAMON",
     "WSAM",
