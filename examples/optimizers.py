@@ -24,9 +24,11 @@ from examples.cli import FORM_OPTIONS, form_option
 __all__ = [
     "ESAM_BETA",
     "ESAM_GAMMA",
+    "NO_M_SHARPNESS",
     "OPTAX_OPTIMIZERS",
     "TORCH_OPTIMIZERS",
     "OptaxEntry",
+    "check_m_sharpness",
     "make_optax",
     "make_torch_optimizer",
     "optax_schedule",
@@ -88,6 +90,20 @@ def _torch_bsam(model_or_params: Any, args: Any) -> Any:
         _params(model_or_params), num_data=num_data, lr=args.lr, betas=(args.momentum, 0.999),
         rho=args.rho, weight_decay=args.weight_decay, seed=getattr(args, "seed", 0), model=model,
     )
+
+
+#: Forms the loops do not run with m-sharpness: AE-SAM decides per batch from the whole
+#: batch's gradient, ESAM selects examples of the whole batch, BSAM is its own optimizer.
+NO_M_SHARPNESS = ("aesam", "esam", "bsam")
+
+
+def check_m_sharpness(name: str, m: int | None) -> None:
+    """Raise for ``m`` (m-sharpness) with a form of :data:`NO_M_SHARPNESS`."""
+    if m is not None and name in NO_M_SHARPNESS:
+        raise ValueError(
+            f"m_sharpness={m} is not supported with optimizer {name!r} (its step is defined on "
+            "the whole batch); drop m_sharpness, or use sam or asam with it"
+        )
 
 
 #: ESAM's knobs in both registries (the library's defaults, the paper's CIFAR runs): each

@@ -61,7 +61,7 @@ from examples.cli import (
     print_epoch,
 )
 from examples.data import Split, TrainingData, batches, epoch_rng, fit_metrics, load_training_data
-from examples.optimizers import ESAM_GAMMA, OPTAX_OPTIMIZERS, make_optax
+from examples.optimizers import ESAM_GAMMA, OPTAX_OPTIMIZERS, check_m_sharpness, make_optax
 
 __all__ = ["TrainState", "init_state", "main", "make_steps", "train"]
 
@@ -464,6 +464,7 @@ def train_model(
     chunks' clean logits, which :func:`sam_jax.m_sharpness_update` returns). ``progress(metrics)`` is called after each epoch. Files are written only
     when ``config.out`` is set.
     """
+    check_m_sharpness(config.optimizer, getattr(config, "m_sharpness", None))
     data = load_training_data(config)
     train_split = data.train
     check_chunks(config, len(train_split))

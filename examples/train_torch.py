@@ -64,7 +64,7 @@ from examples.data import (
     load_training_data,
     to_nchw,
 )
-from examples.optimizers import make_torch_optimizer
+from examples.optimizers import check_m_sharpness, make_torch_optimizer
 
 __all__ = ["build_model", "evaluate", "main", "predict", "train", "train_model"]
 
@@ -167,6 +167,7 @@ def train_model(
     ``train_loss`` and ``train_acc`` are those of the perturbed point. ``progress(metrics)`` is called after each
     epoch. Files are written only when ``config.out`` is set.
     """
+    check_m_sharpness(config.optimizer, getattr(config, "m_sharpness", None))
     if getattr(config, "threads", None):
         torch.set_num_threads(config.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -239,3 +239,10 @@ def test_rho_ramp_reaches_aesam_and_esam(module, fresh_jax_steps):
     assert ae["train_loss"] == pytest.approx(sgd["train_loss"], rel=1e-4)
     es = module.train(_config("esam", rho=0.3, rho_warmup_epochs=1e9, seed=1))[0]
     assert abs(es["sharpness"]) < 1e-4  # rho ~1e-10: L(w + e) = L(w) up to rounding
+
+
+@pytest.mark.parametrize("module", [train_torch, train_jax], ids=["torch", "jax"])
+@pytest.mark.parametrize("optimizer", ["aesam", "esam", "bsam"])
+def test_m_sharpness_is_refused_for_the_whole_batch_forms(module, optimizer):
+    with pytest.raises(ValueError, match=f"m_sharpness=8 is not supported with optimizer '{optimizer}'"):
+        module.train(_config(optimizer, m_sharpness=8))
