@@ -246,3 +246,58 @@ def test_rho_ramp_reaches_aesam_and_esam(module, fresh_jax_steps):
 def test_m_sharpness_is_refused_for_the_whole_batch_forms(module, optimizer):
     with pytest.raises(ValueError, match=f"m_sharpness=8 is not supported with optimizer '{optimizer}'"):
         module.train(_config(optimizer, m_sharpness=8))
+
+
+def test_esam_and_bsam_registry_entries_match_the_library_objects():
+    """The optax entries against the chains written by hand (float64, a few steps), and the
+    torch entries' classes and knobs."""
+    from argparse import Namespace
+
+    import optax
+
+    from tests.helpers import jax_x64, max_rel_diff
+
+    args = Namespace(lr=0.1, momentum=0.9, nesterov=False, rho=0.1, eta=0.01, schedule="step",
+                     epochs=10, weight_decay=5e-4, seed=4, num_data=40)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    es = optimizers.make_torch_optimizer("esam", model, args)
+    assert isinstance(es, sam_torch.ESAM) and (es.beta, es.gamma, es.mask) == (0.5, 0.5, "tensor")
+    bs = optimizers.make_torch_optimizer("bsam", model, args)
+    assert isinstance(bs, sam_torch.BSAM)
+    with jax_x64():
+        lr = optimizers.optax_schedule(args, 5)
+        x = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
+        params = {"w": jnp.linspace(0.2, 1.4, 12).reshape(3, 4), "b": jnp.zeros(4)}
+
+        def losses_of(p, index=None):
+            xs = x if index is None else x[index]
+            return jnp.sum(jnp.tanh(xs @ p["w"] + p["b"]) ** 2, axis=1)
+
+        def mean_loss(p):
+            return losses_of(p).mean()
+
+        def run(tx, per_example):
+            p, state = params, tx.init(params)
+            for _ in range(4):
+                value, grads = jax.value_and_grad(mean_loss)(p)
+                if per_example:
+                    updates, state = tx.update(grads, state, p, loss_fn=losses_of,
+                                               losses=losses_of(p), value=value)
+                else:
+                    updates, state = tx.update(None, state, p,
+                                               grad_fn=jax.value_and_grad(mean_loss))
+                p = optax.apply_updates(p, updates)
+            return jax.tree.leaves(p)
+
+        esam_by_hand = optax.chain(
+            sam_jax.esam(0.1, beta=0.5, gamma=0.5, seed=4, eta=0.01),
+            optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9),
+        )
+        bsam_by_hand = sam_jax.bsam(num_data=40, lr=lr, betas=(0.9, 0.999), rho=0.1,
+                                    weight_decay=5e-4, seed=4)
+        got_e = run(optimizers.make_optax("esam", args, 5), True)
+        got_b = run(optimizers.make_optax("bsam", args, 5), False)
+        assert max_rel_diff(got_e, run(esam_by_hand, True)) < 1e-14
+        assert max_rel_diff(got_b, run(bsam_by_hand, False)) < 1e-14
+        assert max_rel_diff(got_e, jax.tree.leaves(params)) > 1e-3
+        assert max_rel_diff(got_b, jax.tree.leaves(params)) > 1e-3
