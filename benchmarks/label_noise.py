@@ -111,8 +111,10 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # table): SAM 0.2 and m-SAM 0.2 (0.1 leaves a quarter / a tenth of the noise
         # memorized, 0.3 is unstable across seeds, 0.4 does not train).
         "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0, "everyk": 0.2, "looksam": 0.1,
-                "msam": 0.3, "bsam": 0.05},
+                "msam": 0.3, "bsam": 0.05, "aesam": 0.2, "esam": 0.2},
         # BSAM: rho 0.05 (its default), not swept; no ramp (NO_RHO_RAMP).
+        # AE-SAM and ESAM: SAM's rho, with the ramp, not swept yet (AE-SAM's SAM steps are
+        # SAM's; ESAM perturbs with rho / beta over the tensors its mask keeps).
         # A form's own knobs in the grid (--k / --alpha): LookSAM's alpha from its sweep at
         # rho 0.1 (the paper's 0.7 stays near the constant predictor here, docs/variants.md)
         "form_options": {"looksam": {"alpha": 0.3}},
@@ -121,8 +123,8 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # at which SAM prefers the latter; each level's rho is the best of its own sweep
         # (20 %: not swept, 40 %'s values).
         "rho_by_noise": {
-            0.6: {"sam": 0.15, "sam/m": 0.15, "asam": 1.0},
-            0.8: {"sam": 0.03, "sam/m": 0.03, "asam": 0.5},
+            0.6: {"sam": 0.15, "sam/m": 0.15, "asam": 1.0, "aesam": 0.15, "esam": 0.15},
+            0.8: {"sam": 0.03, "sam/m": 0.03, "asam": 0.5, "aesam": 0.03, "esam": 0.03},
         },
         "sweep": {
             "sam": (0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
@@ -152,7 +154,9 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # regularizes), ASAM 1.0 (0.5 memorizes all of them). No rho ramp: rho 0.2 trains
         # from the first step here, and a 5-epoch ramp made SAM worse (less regularization
         # early; the sweep table's warm-up row).
-        "rho": {"sam": 0.2, "sam/m": 0.1, "asam": 1.0},
+        # AE-SAM and ESAM: SAM's rho, not swept yet; BSAM: its default 0.05, not swept.
+        "rho": {"sam": 0.2, "sam/m": 0.1, "asam": 1.0, "aesam": 0.2, "esam": 0.2,
+                "bsam": 0.05},
         "sweep": {"sam": (0.1, 0.2), "sam/m16": (0.05, 0.1, 0.2), "asam": (0.5, 1.0)},
     },
 }

@@ -39,6 +39,7 @@ DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}
 #: Optimizers that take ``--rho-warmup-epochs`` (in both backends): every SAM-family form.
 RHO_WARMUP_OPTIMIZERS = (
     "sam", "asam", "gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso",
+    "aesam", "esam",
 )
 #: A form's own knobs (``--k``, ``--alpha``): flag -> (the forms that take it, their default).
 FORM_OPTIONS: dict[str, dict[str, Any]] = {

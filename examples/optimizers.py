@@ -22,9 +22,13 @@ from typing import Any
 from examples.cli import FORM_OPTIONS, form_option
 
 __all__ = [
+    "ESAM_BETA",
+    "ESAM_GAMMA",
+    "NO_M_SHARPNESS",
     "OPTAX_OPTIMIZERS",
     "TORCH_OPTIMIZERS",
     "OptaxEntry",
+    "check_m_sharpness",
     "make_optax",
     "make_torch_optimizer",
     "optax_schedule",
@@ -88,6 +92,25 @@ def _torch_bsam(model_or_params: Any, args: Any) -> Any:
     )
 
 
+#: Forms the loops do not run with m-sharpness: AE-SAM decides per batch from the whole
+#: batch's gradient, ESAM selects examples of the whole batch, BSAM is its own optimizer.
+NO_M_SHARPNESS = ("aesam", "esam", "bsam")
+
+
+def check_m_sharpness(name: str, m: int | None) -> None:
+    """Raise for ``m`` (m-sharpness) with a form of :data:`NO_M_SHARPNESS`."""
+    if m is not None and name in NO_M_SHARPNESS:
+        raise ValueError(
+            f"m_sharpness={m} is not supported with optimizer {name!r} (its step is defined on "
+            "the whole batch); drop m_sharpness, or use sam or asam with it"
+        )
+
+
+#: ESAM's knobs in both registries (the library's defaults, the paper's CIFAR runs): each
+#: parameter tensor perturbed with probability beta, the perturbed gradient on the gamma
+#: fraction of the batch whose loss rises most.
+ESAM_BETA, ESAM_GAMMA = 0.5, 0.5
+
 #: name -> ``build(model_or_params, args)`` returning a ``torch.optim.Optimizer``.
 TORCH_OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
     "sgd": _torch_sgd,
@@ -115,6 +138,12 @@ def _torch_variant(cls_name: str, **variant_kwargs: Any) -> Callable[[Any, Any],
             if not hasattr(model_or_params, "parameters"):
                 raise TypeError("samon needs the model (its normalization layers), not params")
             extra["norm_params"] = model_or_params
+        if cls_name == "AESAM":  # the paper's c schedule over the run (set by the loop)
+            extra["total_steps"] = getattr(args, "total_steps", None)
+        if cls_name == "ESAM":  # its perturbed calls freeze the batch-norm statistics
+            extra["seed"] = getattr(args, "seed", 0)
+            if hasattr(model_or_params, "parameters"):
+                extra["model"] = model_or_params
         if cls_name != "MomentumSAM":
             extra["eta"] = args.eta
         return cls(
@@ -133,6 +162,9 @@ TORCH_OPTIMIZERS.update(
     fsam=_torch_variant("FriendlySAM", sigma=1.0, lmbda=0.9),
     wsam=_torch_variant("WSAM", gamma=0.88),
     vasso=_torch_variant("VaSSO", theta=0.9),
+    # AE-SAM: the library's delta 0.9 and c from 1 to -1 over the run (total_steps)
+    aesam=_torch_variant("AESAM"),
+    esam=_torch_variant("ESAM", beta=ESAM_BETA, gamma=ESAM_GAMMA),
 )
 
 
@@ -183,13 +215,23 @@ class OptaxEntry:
     with one-pass steps (LookSAM, every-k), ``full_step(t, k)`` for step ``t`` (0-based) and
     interval ``k``: the training loop then passes ``full_step=`` as a static choice (one
     jitted step per value), which avoids ``lax.cond``'s slow path for convolutions on
-    XLA:CPU. ``needs_clean_grad=False`` (Momentum-SAM): the update reads no clean gradient,
-    so the loop makes no clean pass (one forward-backward per step)."""
+    XLA:CPU. ``needs_clean_grad=False`` (Momentum-SAM, BSAM): the update reads no clean
+    gradient, so the loop makes no clean pass (Momentum-SAM: one forward-backward per step).
+    ``decided_on_host`` (AE-SAM) and ``per_example_loss`` (ESAM): the loop's own steps for
+    those forms."""
 
     build: Callable[[Any, Callable[[Any], Any]], Any]
     needs_grad_fn: bool
     full_step: Callable[[int, int], bool] | None = None
     needs_clean_grad: bool = True
+    #: forward-backward passes ``grad_fn`` makes on a full step (BSAM: 2, at the posterior
+    #: sample and at the perturbed mean; its transformation reads no clean gradient)
+    grad_fn_passes: int = 1
+    #: AE-SAM: the full/one-pass choice is the rule's, from the clean gradient; the loop
+    #: reads it on the host (``state.is_sam_step``) and runs the perturbed pass only then
+    decided_on_host: bool = False
+    #: ESAM: ``update(..., loss_fn=, losses=)`` with per-example losses instead of ``grad_fn``
+    per_example_loss: bool = False
 
 
 def _optax_base(args: Any, schedule: Callable[[Any], Any]) -> list[Any]:
@@ -285,6 +327,15 @@ def _optax_variant(name: str) -> OptaxEntry:
             "msam": lambda: first(sam_jax.momentum_sam, momentum=args.momentum),
             "fsam": lambda: first(sam_jax.friendly_sam, sigma=1.0, lmbda=0.9, eta=eta),
             "vasso": lambda: first(sam_jax.vasso, theta=0.9, eta=eta),
+            # the library's delta and c schedule over the run's steps (make_optax sets them)
+            "aesam": lambda: first(
+                sam_jax.ae_sam, "total_steps", total_steps=args.total_steps, eta=eta
+            ),
+            "esam": lambda: first(
+                sam_jax.esam, "beta", "gamma", "mask", "seed",
+                beta=ESAM_BETA, gamma=ESAM_GAMMA, seed=int(getattr(args, "seed", 0) or 0),
+                eta=eta,
+            ),
         }[name]()
         return optax.chain(transformation, *_optax_base(args, schedule))
 
@@ -294,15 +345,45 @@ def _optax_variant(name: str) -> OptaxEntry:
         "everyk": lambda t, k: (t + 1) % k == 0,
     }.get(name)
     return OptaxEntry(
-        build, needs_grad_fn=True, full_step=full_step, needs_clean_grad=name != "msam"
+        build, needs_grad_fn=name != "esam", full_step=full_step,
+        needs_clean_grad=name != "msam", decided_on_host=name == "aesam",
+        per_example_loss=name == "esam",
     )
 
 
 OPTAX_OPTIMIZERS.update(
     {
         name: _optax_variant(name)
-        for name in ("gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso")
+        for name in (
+            "gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso", "aesam",
+            "esam",
+        )
     }
+)
+
+
+def _optax_bsam(args: Any, schedule: Callable[[Any], Any]) -> Any:
+    """Bayesian SAM, a complete optimizer (the torch entry's settings): ``lr`` as the
+    schedule, ``betas=(momentum, 0.999)``, ``rho``, ``weight_decay`` (the prior precision),
+    ``num_data`` (the training set's size, set by the loop) and the run's seed for its
+    noise; in a one-element chain, so that the state is found where the loop looks."""
+    import optax
+
+    import sam_jax
+
+    num_data = getattr(args, "num_data", None)
+    if num_data is None:
+        raise ValueError("bsam needs args.num_data, the number of training examples")
+    return optax.chain(
+        sam_jax.bsam(
+            num_data=num_data, lr=schedule, betas=(args.momentum, 0.999), rho=args.rho,
+            weight_decay=args.weight_decay, seed=int(getattr(args, "seed", 0) or 0),
+        )
+    )
+
+
+OPTAX_OPTIMIZERS["bsam"] = OptaxEntry(
+    _optax_bsam, needs_grad_fn=True, needs_clean_grad=False, grad_fn_passes=2
 )
 
 
@@ -327,7 +408,8 @@ def make_optax(name: str, args: Any, steps_per_epoch: int) -> Any:
         raise ValueError(
             f"rho_warmup_epochs supports {', '.join(RHO_WARMUP_OPTIMIZERS)}, got {name!r}"
         )
-    if warmup:
-        args = copy.copy(args)
-        args.rho_warmup_steps = warmup  # read by the SAM-family builders
+    args = copy.copy(args)
+    args.rho_warmup_steps = warmup  # read by the SAM-family builders
+    if getattr(args, "total_steps", None) is None:  # AE-SAM's schedule of c over the run
+        args.total_steps = args.epochs * steps_per_epoch
     return entry.build(args, optax_schedule(args, steps_per_epoch))

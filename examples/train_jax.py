@@ -49,6 +49,7 @@ import optax
 from flax import serialization
 from tqdm import tqdm
 
+import sam_core
 import sam_jax
 from examples.calibration import expected_calibration_error
 from examples.cli import (
@@ -60,7 +61,7 @@ from examples.cli import (
     print_epoch,
 )
 from examples.data import Split, TrainingData, batches, epoch_rng, fit_metrics, load_training_data
-from examples.optimizers import OPTAX_OPTIMIZERS, make_optax
+from examples.optimizers import ESAM_GAMMA, OPTAX_OPTIMIZERS, check_m_sharpness, make_optax
 
 __all__ = ["TrainState", "init_state", "main", "make_steps", "train"]
 
@@ -88,15 +89,33 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: floa
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+def per_example_cross_entropy(
+    logits: jax.Array, labels: jax.Array, smoothing: float
+) -> jax.Array:
+    """The per-example losses of :func:`smoothed_cross_entropy` (``reduction="none"``),
+    shape ``(B,)``: ESAM's per-example loss contract."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
 @functools.lru_cache(maxsize=8)
 def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tuple[Any, ...]:
     """``(model, tx, train_step, eval_step)`` for a hashable ``config`` (the arguments),
-    cached so that resuming in the same process reuses the compiled steps."""
+    cached so that resuming in the same process reuses the compiled steps.
+
+    ``train_step(state, x, y, full_step)`` returns ``(state, (loss, correct, sharpness))``;
+    it is jitted, except for AE-SAM, where it is two jitted steps chosen on the host: the
+    clean pass with the update of a ``grad_fn`` that evaluates nothing (its ``lax.cond``
+    holds no model), whose result is the step when the rule chose a plain step
+    (``state.is_sam_step`` False, read on the host), and on a SAM step the update again from
+    the same state and clean gradient with ``full_step=True`` and the perturbed pass (no
+    ``lax.cond`` around the model, which costs ~2.2x on XLA:CPU)."""
     args = _Args(dict(config))
     model = _model(args.dataset, args.depth, args.width, args.num_classes)
     tx = make_optax(args.optimizer, args, steps_per_epoch)
-    needs_grad_fn = OPTAX_OPTIMIZERS[args.optimizer].needs_grad_fn
-    needs_clean_grad = OPTAX_OPTIMIZERS[args.optimizer].needs_clean_grad
+    entry = OPTAX_OPTIMIZERS[args.optimizer]
+    needs_grad_fn = entry.needs_grad_fn
+    needs_clean_grad = entry.needs_clean_grad
 
     def loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> Any:
         logits, new_vars = model.apply(
@@ -109,6 +128,22 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
         return loss, (logits, new_vars["batch_stats"])
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def per_example_loss_fn(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> Any:
+        logits, new_vars = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True,
+            mutable=["batch_stats"],
+        )
+        losses = per_example_cross_entropy(logits, y, args.label_smoothing)
+        return losses.mean(), (losses, logits, new_vars["batch_stats"])
+
+    def perturbed_grad_fn(state: TrainState, x: jax.Array, y: jax.Array) -> Any:
+        def grad_fn(perturbed: Any) -> tuple[jax.Array, Any]:
+            # Batch statistics of w + e normalize this pass; their update is discarded.
+            (p_loss, _), p_grads = value_and_grad(perturbed, state.batch_stats, x, y)
+            return p_loss, p_grads
+
+        return grad_fn
 
     m = args.m_sharpness
     # lax.scan (one chunk at a time) or jax.vmap (all chunks at once, per-chunk weights)
@@ -137,7 +172,32 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
             correct = jnp.sum(jnp.argmax(logits, -1) == y)
             sharpness = _first_state(opt_state).sharpness
             return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
-        if not needs_clean_grad:  # Momentum-SAM: one pass, at w + e; its statistics are kept
+        if entry.per_example_loss:  # ESAM: the per-example loss contract of sam_jax.esam
+            (loss, (losses, logits, new_stats)), grads = jax.value_and_grad(
+                per_example_loss_fn, has_aux=True
+            )(state.params, state.batch_stats, x, y)
+
+            def example_losses(perturbed: Any, index: jax.Array | None = None) -> jax.Array:
+                # at w + e: the selection's forward (index None) and the selected examples'
+                # pass; their batch statistics normalize them and are discarded
+                xs, ys = (x, y) if index is None else (x[index], y[index])
+                logits_e, _ = model.apply(
+                    {"params": perturbed, "batch_stats": state.batch_stats}, xs, train=True,
+                    mutable=["batch_stats"],
+                )
+                return per_example_cross_entropy(logits_e, ys, args.label_smoothing)
+
+            updates, opt_state = tx.update(
+                grads, state.opt_state, state.params, loss_fn=example_losses, losses=losses,
+                value=loss,
+            )
+            params = optax.apply_updates(state.params, updates)
+            correct = jnp.sum(jnp.argmax(logits, -1) == y)
+            sharpness = _first_state(opt_state).sharpness
+            return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
+        if not needs_clean_grad:
+            # Momentum-SAM: one pass, at w + e; BSAM: two, at a posterior sample and at the
+            # perturbed mean. The first pass's statistics are kept.
             found: list[Any] = []
 
             def one_pass(perturbed: Any) -> tuple[jax.Array, Any]:
@@ -147,21 +207,18 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
 
             updates, opt_state = tx.update(None, state.opt_state, state.params, grad_fn=one_pass)
             logits, new_stats = found[0]
-            loss = _first_state(opt_state).perturbed_value
+            first_state = _first_state(opt_state)
+            # Momentum-SAM's loss is the one at w + e, BSAM's the one at the sample (torch's)
+            loss = first_state.value if entry.grad_fn_passes == 2 else first_state.perturbed_value
             params = optax.apply_updates(state.params, updates)
             correct = jnp.sum(jnp.argmax(logits, -1) == y)
             return TrainState(params, new_stats, opt_state), (loss, correct, jnp.float32(jnp.nan))
         (loss, (logits, new_stats)), grads = value_and_grad(state.params, state.batch_stats, x, y)
         if needs_grad_fn:
-
-            def grad_fn(perturbed: Any) -> tuple[jax.Array, Any]:
-                # Batch statistics of w + e normalize this pass; their update is discarded.
-                (p_loss, _), p_grads = value_and_grad(perturbed, state.batch_stats, x, y)
-                return p_loss, p_grads
-
             extra = {} if full_step is None else {"full_step": full_step}
             updates, opt_state = tx.update(
-                grads, state.opt_state, state.params, grad_fn=grad_fn, value=loss, **extra
+                grads, state.opt_state, state.params, grad_fn=perturbed_grad_fn(state, x, y),
+                value=loss, **extra,
             )
             sharpness = _first_state(opt_state).sharpness
         else:
@@ -171,6 +228,9 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
         correct = jnp.sum(jnp.argmax(logits, -1) == y)
         return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
 
+    if entry.decided_on_host:
+        train_step = _host_decided_step(tx, value_and_grad, perturbed_grad_fn)
+
     eval_variables = _eval_fn(
         args.dataset, args.depth, args.width, args.num_classes, args.label_smoothing
     )
@@ -179,6 +239,51 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
         return eval_variables(state.params, state.batch_stats, x, y)
 
     return model, tx, train_step, eval_step
+
+
+def _host_decided_step(tx: Any, value_and_grad: Any, perturbed_grad_fn: Any) -> Any:
+    """AE-SAM's step (:func:`make_steps`): a clean step, and on the rule's SAM steps the
+    full update from the same state with ``full_step=True``."""
+
+    @jax.jit
+    def clean_step(state: TrainState, x: jax.Array, y: jax.Array) -> Any:
+        (loss, (logits, new_stats)), grads = value_and_grad(state.params, state.batch_stats, x, y)
+
+        def no_pass(perturbed: Any) -> tuple[jax.Array, Any]:
+            # taken only on SAM steps, whose result is replaced by sam_step's
+            return jnp.zeros((), loss.dtype), jax.tree.map(jnp.zeros_like, perturbed)
+
+        updates, opt_state = tx.update(
+            grads, state.opt_state, state.params, grad_fn=no_pass, value=loss
+        )
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == y)
+        new_state = TrainState(params, new_stats, opt_state)
+        return new_state, (loss, correct, jnp.float32(jnp.nan)), grads, new_stats
+
+    @jax.jit
+    def sam_step(
+        state: TrainState, grads: Any, loss: jax.Array, correct: jax.Array, new_stats: Any,
+        x: jax.Array, y: jax.Array,
+    ) -> Any:
+        updates, opt_state = tx.update(
+            grads, state.opt_state, state.params, grad_fn=perturbed_grad_fn(state, x, y),
+            value=loss, full_step=True,
+        )
+        params = optax.apply_updates(state.params, updates)
+        sharpness = _first_state(opt_state).sharpness
+        return TrainState(params, new_stats, opt_state), (loss, correct, sharpness)
+
+    def train_step(
+        state: TrainState, x: jax.Array, y: jax.Array, full_step: bool | None = None
+    ) -> tuple[TrainState, Any]:
+        del full_step  # the rule's choice, read below
+        plain, aux, grads, new_stats = clean_step(state, x, y)
+        if not bool(_first_state(plain.opt_state).is_sam_step):  # one host read per step
+            return plain, aux
+        return sam_step(state, grads, aux[0], aux[1], new_stats, x, y)
+
+    return train_step
 
 
 def _model(dataset: str, depth: int, width: int, num_classes: int) -> Any:
@@ -205,10 +310,43 @@ def _proba_fn(dataset: str, depth: int, width: int, num_classes: int) -> Any:
     return proba
 
 
+@functools.lru_cache(maxsize=4)
+def _bsam_proba_fn(dataset: str, depth: int, width: int, num_classes: int) -> Any:
+    """Jitted ``(params, batch_stats, opt_state, x, key) -> probabilities``: BSAM's
+    predictive (:func:`sam_jax.predictive`, eval mode, :data:`BSAM_SAMPLES` samples)."""
+    model = _model(dataset, depth, width, num_classes)
+
+    @jax.jit
+    def proba(params: Any, batch_stats: Any, opt_state: Any, x: jax.Array, key: Any) -> Any:
+        def apply_fn(p: Any, inputs: jax.Array) -> jax.Array:
+            out = model.apply({"params": p, "batch_stats": batch_stats}, inputs, train=False)
+            return out.astype(jnp.float32)
+
+        return sam_jax.predictive(
+            apply_fn, params, opt_state, x, key=key, samples=BSAM_SAMPLES
+        )
+
+    return proba
+
+
+#: Posterior samples BSAM's predictive averages for the final calibration (the torch
+#: loop's number).
+BSAM_SAMPLES = 8
+
+
 def calibration(state: TrainState, split: Split, args: Any, num_classes: int) -> dict[str, float]:
-    """``test_ece`` (:func:`examples.calibration.expected_calibration_error`) of the model's
-    softmax on ``split`` and the accuracy of the same probabilities."""
-    proba = _proba_fn(args.dataset, args.depth, args.width, num_classes)
+    """``test_ece`` (:func:`examples.calibration.expected_calibration_error`) and the accuracy
+    of the same probabilities: the softmax of the model, or BSAM's predictive (softmax
+    averaged over :data:`BSAM_SAMPLES` posterior samples, the same samples for every batch,
+    drawn from ``jax.random.key(args.seed)``)."""
+    if getattr(args, "optimizer", None) == "bsam":
+        bsam_proba = _bsam_proba_fn(args.dataset, args.depth, args.width, num_classes)
+        key = jax.random.key(int(getattr(args, "seed", 0) or 0))
+
+        def proba(params: Any, batch_stats: Any, x: jax.Array) -> Any:
+            return bsam_proba(params, batch_stats, state.opt_state, x, key)
+    else:
+        proba = _proba_fn(args.dataset, args.depth, args.width, num_classes)
     probs = np.concatenate([
         np.asarray(proba(state.params, state.batch_stats, jnp.asarray(x)), np.float64)
         for x, _ in batches(split, args.eval_batch_size, dataset=args.dataset)
@@ -326,6 +464,7 @@ def train_model(
     chunks' clean logits, which :func:`sam_jax.m_sharpness_update` returns). ``progress(metrics)`` is called after each epoch. Files are written only
     when ``config.out`` is set.
     """
+    check_m_sharpness(config.optimizer, getattr(config, "m_sharpness", None))
     data = load_training_data(config)
     train_split = data.train
     check_chunks(config, len(train_split))
@@ -334,6 +473,11 @@ def train_model(
     noisy = bool(data.flipped.any())
     step_config = {k: getattr(config, k, None) for k in _STEP_KEYS}
     step_config["num_classes"] = data.num_classes
+    step_config["num_data"] = len(train_split)  # BSAM's posterior needs it
+    # ESAM's masks and BSAM's noise are seeded by the run (the other forms' compiled steps
+    # do not depend on the seed, so one compilation serves every seed)
+    seeded = config.optimizer in ("esam", "bsam")
+    step_config["seed"] = int(config.seed) if seeded else None
     _, tx, train_step, eval_step = make_steps(tuple(sorted(step_config.items())), steps_per_epoch)
     state = init_state(config, data, tx)
 
@@ -356,7 +500,7 @@ def train_model(
             raise SystemExit(f"--resume {path}: no such checkpoint file")
 
     entry = OPTAX_OPTIMIZERS[config.optimizer]
-    two_pass = entry.needs_grad_fn
+    two_pass = entry.needs_grad_fn or entry.per_example_loss  # a perturbed pass (or two)
     full_step_at = entry.full_step
     k = form_option(config, "k", config.optimizer) if full_step_at is not None else None
     m = getattr(config, "m_sharpness", None)
@@ -394,9 +538,16 @@ def train_model(
             # what the compiled step computes: a clean pass unless the form needs none, and a
             # perturbed one unless this is a one-pass step (chosen on the host)
             steps += 1
-            passes += 2 if m is not None else (
-                int(entry.needs_clean_grad) + int(two_pass and full_step is not False)
-            )
+            if m is not None:
+                passes += 2
+            elif entry.per_example_loss:  # ESAM: the batch at w, its k selected at w + e
+                passes += 1 + sam_core.sds_count(len(y), ESAM_GAMMA) / len(y)
+            elif entry.decided_on_host:  # AE-SAM: the perturbed pass on its SAM steps only
+                passes += 1 + int(bool(_first_state(state.opt_state).is_sam_step))
+            else:
+                passes += int(entry.needs_clean_grad) + entry.grad_fn_passes * int(
+                    two_pass and full_step is not False
+                )
             seen += len(y)
             loss_sum += float(loss) * len(y)
             correct += int(batch_correct)

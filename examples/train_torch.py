@@ -64,7 +64,7 @@ from examples.data import (
     load_training_data,
     to_nchw,
 )
-from examples.optimizers import make_torch_optimizer
+from examples.optimizers import check_m_sharpness, make_torch_optimizer
 
 __all__ = ["build_model", "evaluate", "main", "predict", "train", "train_model"]
 
@@ -160,11 +160,14 @@ def train_model(
     one-pass optimizers), ``test_loss``, ``test_acc``, ``noisy_fit`` and ``clean_fit``
     (:func:`examples.data.fit_metrics`, eval mode on the training set; only with label
     noise, else ``None``), ``epoch_time_s``, ``passes`` (forward-backward passes over a
-    batch in the epoch: 2 on a SAM step, 1 on an SGD, Momentum-SAM or LookSAM / every-k
-    reuse step) and ``passes_per_step``. Momentum-SAM's one pass is at :math:`w + e`, so its
+    batch in the epoch: 2 on a SAM or BSAM step, 1 on an SGD, Momentum-SAM, LookSAM /
+    every-k reuse or AE-SAM plain step, 1 + k/B on an ESAM step, whose perturbed backward
+    is on its k selected examples of the B and whose selection forward at w + e is not
+    counted) and ``passes_per_step``. Momentum-SAM's one pass is at :math:`w + e`, so its
     ``train_loss`` and ``train_acc`` are those of the perturbed point. ``progress(metrics)`` is called after each
     epoch. Files are written only when ``config.out`` is set.
     """
+    check_m_sharpness(config.optimizer, getattr(config, "m_sharpness", None))
     if getattr(config, "threads", None):
         torch.set_num_threads(config.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,6 +184,7 @@ def train_model(
     model = build_model(config, data).to(device)
     opt_config = copy.copy(config)
     opt_config.num_data = len(train_split)  # BSAM's posterior needs it
+    opt_config.total_steps = config.epochs * steps_per_epoch  # AE-SAM's schedule of c
     optimizer = make_torch_optimizer(config.optimizer, model, opt_config)
     two_pass = hasattr(optimizer, "first_step")
     one_pass = isinstance(optimizer, sam_torch.MomentumSAM) and m is None
@@ -211,6 +215,11 @@ def train_model(
 
     def chunk_loss(net: torch.nn.Module, chunk: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return loss_fn(net(chunk[0]), chunk[1])
+
+    def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits, labels, label_smoothing=config.label_smoothing, reduction="none"
+        )
 
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -265,7 +274,34 @@ def train_model(
                     return batch_loss
 
                 loss = optimizer.step(closure)
+                passes += 2  # at the posterior sample and at the perturbed mean
                 correct += int((seen_logits[0].argmax(1) == yt).sum())
+            elif isinstance(optimizer, sam_torch.ESAM) and m is None:
+                # the per-example loss contract: closure(index=None) returns the losses of
+                # the batch (or of batch[index]) without backward(); ESAM makes the clean
+                # pass, a forward at w + e, and the backward on the selected examples
+                clean_logits: list[torch.Tensor] = []
+
+                def closure(
+                    index: torch.Tensor | None = None, xt: torch.Tensor = xt,
+                    yt: torch.Tensor = yt, clean_logits: list = clean_logits,
+                ) -> torch.Tensor:
+                    xs, ys = (xt, yt) if index is None else (xt[index], yt[index])
+                    out = model(xs)
+                    if not clean_logits:
+                        clean_logits.append(out.detach())  # the first call: at w
+                    return per_example_loss(out, ys)
+
+                loss = optimizer.step(closure)
+                optimizer.zero_grad(set_to_none=True)
+                chosen = len(y) if optimizer.selected is None else len(optimizer.selected)
+                # forward-backward over the batch at w and over the selected examples at
+                # w + e (the selection's forward at w + e has no backward: not counted)
+                passes += 1 + chosen / len(y)
+                if optimizer.perturbed_loss is not None:
+                    sharp_sum += float(optimizer.perturbed_loss - loss) * len(y)
+                    sharp_seen += len(y)
+                correct += int((clean_logits[0].argmax(1) == yt).sum())
             elif m is not None:
                 loss = sam_torch.m_sharpness_step(
                     optimizer, model, chunk_loss, (xt, yt), m=m, vectorize=vectorize
@@ -297,14 +333,21 @@ def train_model(
                 passes += 1
                 # LookSAM / every-k SAM: one pass on the steps that reuse or skip SAM's
                 if two_pass and getattr(optimizer, "is_full_step", True):
-                    optimizer.first_step(zero_grad=True)
-                    with sam_torch.disable_running_stats(model):
-                        perturbed_loss = loss_fn(model(xt), yt)
-                        perturbed_loss.backward()
+                    # AE-SAM decides in first_step from the clean gradient (one host read)
+                    # and perturbs on a SAM step only; its plain step is second_step with
+                    # the clean gradient, so that one is kept
+                    decides = isinstance(optimizer, sam_torch.AESAM)
+                    optimizer.first_step(zero_grad=not decides)
+                    if not decides or optimizer.is_perturbed:
+                        if decides:
+                            optimizer.zero_grad(set_to_none=True)
+                        with sam_torch.disable_running_stats(model):
+                            perturbed_loss = loss_fn(model(xt), yt)
+                            perturbed_loss.backward()
+                        passes += 1
+                        sharp_sum += (perturbed_loss.item() - loss.item()) * len(y)
+                        sharp_seen += len(y)
                     optimizer.second_step(zero_grad=True)
-                    passes += 1
-                    sharp_sum += (perturbed_loss.item() - loss.item()) * len(y)
-                    sharp_seen += len(y)
                 else:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -1150,6 +1150,14 @@ def ae_sam(
     them through a slow path (measured 20-30x for :func:`looksam`'s; jax-ml/jax#12868), so
     there a convolutional model's SAM steps cost more than :func:`sam_jax.sam`'s; dense
     models are not affected. Extra state: four scalars.
+
+    ``update(..., full_step=True/False)`` takes the branch statically instead (one jitted
+    update per value, no ``lax.cond``), for a loop that reads the rule's decision on the
+    host first: e.g. a jitted update with a ``grad_fn`` that evaluates nothing (its
+    ``lax.cond`` holds no model) gives ``state.is_sam_step``; on a plain step its result is
+    the step, on a SAM step the loop repeats the update from the same state with
+    ``full_step=True`` and the real ``grad_fn`` (``examples/train_jax.py``). The statistics
+    are updated as usual; ``is_sam_step`` and ``sam_count`` record the branch taken.
     """
     sam_core.validate_sam(rho=rho, eps=eps, eta=eta, adaptive=adaptive)
     sam_core.check_bool("gc", gc)
@@ -1173,6 +1181,7 @@ def ae_sam(
         *,
         grad_fn: GradFn | None = None,
         value: Any = None,
+        full_step: bool | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, AESAMState]:
         del extra_args
@@ -1191,6 +1200,8 @@ def ae_sam(
         mean = jnp.where(finite, mean, state.sq_norm_mean)
         var = jnp.where(finite, var, state.sq_norm_var)
         is_sam = finite & sam_core.ae_sam_is_sam_step(sq, mean, var, c, sqrt=jnp.sqrt)
+        if isinstance(full_step, bool):  # the host's choice (other values: _branch raises)
+            is_sam = jnp.asarray(full_step)
 
         def full(_: Any) -> tuple[Any, ...]:
             point, norm = sam_core.perturbed_params(
@@ -1202,7 +1213,7 @@ def ae_sam(
         def plain(_: Any) -> tuple[Any, ...]:
             return list(g), _carried_fields(state)
 
-        u, fields = _branch(None, is_sam, full, plain)
+        u, fields = _branch(full_step, is_sam, full, plain)
         new_state = AESAMState(
             **fields,
             sq_norm_mean=mean.astype(dtype),

@@ -5,6 +5,7 @@ schedule targets, checkpoint resume and argument errors."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -311,6 +312,54 @@ def test_jax_matches_reference(problem, jit):
     )
     if not jit:  # eagerly grad_fn runs on SAM steps only
         assert calls == sum(decisions)
+
+
+def test_jax_host_chosen_full_step_matches_reference(problem):
+    """``full_step=`` as a loop chooses it on the host (examples/train_jax.py): a jitted
+    update whose grad_fn evaluates nothing gives the rule's decision; on a SAM step the
+    update is repeated from the same state with ``full_step=True``. The float64 trajectory
+    is the reference's, with no lax.cond around the loss."""
+    params0, batches, want, decisions, stats = problem
+    tx = optax.chain(
+        sam_jax.ae_sam(RHO, total_steps=TOTAL), optax.add_decayed_weights(WD),
+        optax.sgd(LR, momentum=MOM),
+    )
+
+    @jax.jit
+    def decide(params, state, x, t):
+        grads = jax.grad(_mlp_loss)(params, x, t)
+        nothing = lambda p: (jnp.zeros(()), jax.tree.map(jnp.zeros_like, p))  # noqa: E731
+        updates, new_state = tx.update(grads, state, params, grad_fn=nothing)
+        return optax.apply_updates(params, updates), new_state, grads
+
+    @functools.partial(jax.jit, static_argnames="full_step")
+    def step(params, state, grads, x, t, full_step):
+        grad_fn = jax.value_and_grad(lambda p: _mlp_loss(p, x, t))
+        updates, state = tx.update(grads, state, params, grad_fn=grad_fn, full_step=full_step)
+        return optax.apply_updates(params, updates), state
+
+    with jax_x64():
+        params = [jnp.asarray(p) for p in params0]
+        state = tx.init(params)
+        got_decisions = []
+        for x, t in batches:
+            x, t = jnp.asarray(x), jnp.asarray(t)
+            plain, plain_state, grads = decide(params, state, x, t)
+            sam = bool(plain_state[0].is_sam_step)
+            got_decisions.append(sam)
+            params, state = step(params, state, grads, x, t, True) if sam else (plain, plain_state)
+        got = [np.asarray(p) for p in params]
+        _, forced_state = step(params, state, grads, x, t, False)  # a forced plain step
+        with pytest.raises(TypeError, match="full_step must be a Python bool"):
+            tx.update(grads, state, params, grad_fn=lambda p: (0.0, p), full_step=1)
+    assert got_decisions == decisions and 0 < sum(decisions) < len(decisions)
+    assert max_rel_diff(got, want) < 1e-10
+    assert int(state[0].sam_count) == sum(decisions)
+    np.testing.assert_allclose(
+        (float(state[0].sq_norm_mean), float(state[0].sq_norm_var)), stats, rtol=1e-10
+    )
+    assert not bool(forced_state[0].is_sam_step)  # records the branch taken
+    assert int(forced_state[0].sam_count) == sum(decisions)
 
 
 def test_torch_and_jax_trajectories_agree(problem):

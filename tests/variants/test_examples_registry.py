@@ -28,7 +28,7 @@ from examples.wrn_flax import WideResNet as FlaxWRN  # noqa: E402
 from examples.wrn_torch import WideResNet as TorchWRN  # noqa: E402
 from tests.helpers import jax_x64, max_rel_diff  # noqa: E402
 
-VARIANTS = ("gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso")
+VARIANTS = ("gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso", "aesam")
 DEPTH, WIDTH, CLASSES = 10, 1, 10
 
 
@@ -38,7 +38,9 @@ def test_every_variant_is_registered_in_both_backends():
     assert all(OPTAX_OPTIMIZERS[name].needs_grad_fn for name in VARIANTS)
 
 
-ARGS = dict(lr=0.1, momentum=0.9, nesterov=False, rho=0.1, eta=0.01, schedule="step", epochs=10)
+# total_steps: AE-SAM's schedule of c (the loops set it to the run's steps)
+ARGS = dict(lr=0.1, momentum=0.9, nesterov=False, rho=0.1, eta=0.01, schedule="step", epochs=10,
+            total_steps=50)
 TORCH_EXPECTED = {
     "gsam": ("GSAM", {"alpha": 0.2}),
     "samon": ("SAMON", {}),
@@ -48,6 +50,7 @@ TORCH_EXPECTED = {
     "fsam": ("FriendlySAM", {"sigma": 1.0, "lmbda": 0.9}),
     "wsam": ("WSAM", {"gamma": 0.88, "decouple": True}),
     "vasso": ("VaSSO", {"theta": 0.9}),
+    "aesam": ("AESAM", {"delta": 0.9, "c_start": 1.0, "c_end": -1.0, "total_steps": 50}),
 }
 
 
@@ -67,6 +70,7 @@ def _by_hand(name, args):
         "msam": lambda: sam_jax.momentum_sam(0.1, momentum=0.9),
         "fsam": lambda: sam_jax.friendly_sam(0.1, sigma=1.0, lmbda=0.9),
         "vasso": lambda: sam_jax.vasso(0.1, theta=0.9),
+        "aesam": lambda: sam_jax.ae_sam(0.1, total_steps=50),
         "samon": lambda: sam_jax.samon(0.1, mask={"bn1": {"scale": True}, "fc": {"w": False}}),
     }
     if name == "wsam":
