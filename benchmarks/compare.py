@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """sam-opt measured against its peers, on the machine it runs on (the main job).
 
-    python benchmarks/compare.py                 # the quick run: every section, a few minutes
+    python benchmarks/compare.py                 # the quick run: every section, 300 s budget
     python benchmarks/compare.py --full          # the full run: the figures to quote
     python benchmarks/compare.py --smoke         # tiny sizes, seconds (what the tests run)
     python benchmarks/compare.py --data-dir ~/data --budget default
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="the quick run (the default): every section with fewer repeats "
-                           "and smaller models, a few minutes on 2 CPU cores")
+                           "and smaller models, a budget of 300 s on 2 CPU cores (BUDGET_S)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full run: the figures to quote (about 15 minutes on 2 CPU "
                            "cores, plus the accuracy section and the m-sharpness section at "

@@ -344,7 +344,7 @@ def _mode_note(results: dict[str, Any]) -> list[str]:
     mode = results.get("mode", "full")
     if mode == "quick":
         return ["**This is the quick run**: every section with fewer repeats and smaller "
-                "models, a few minutes on a laptop. Ratios marked † are measured with few "
+                "models, within a budget of 300 s on 2 CPU cores. Ratios marked † are measured with few "
                 "repeats: read them as a first look. For the figures to quote run "
                 "`python benchmarks/compare.py --full` (or `make bench ARGS=--full`; about "
                 "15 minutes on 2 CPU cores, plus about 25 for the accuracy section when "
