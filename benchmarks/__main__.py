@@ -1,5 +1,5 @@
 """``python -m benchmarks``: the main job, with the flags of ``benchmarks/compare.py``."""
 
-from benchmarks.compare import main
+from benchmarks.compare import _STARTED, main
 
-main()
+main(started=_STARTED)

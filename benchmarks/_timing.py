@@ -7,6 +7,7 @@ alike, and report the median of the rounds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.metadata
@@ -16,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 __all__ = [
@@ -44,6 +45,32 @@ def limit_threads_env(threads: int) -> None:
         eigen = "false" if threads == 1 else "true"
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen={eigen}".strip()
 
+#: The time box of the running section (:func:`time_box`): ``(deadline, min_rounds)`` on
+#: ``time.perf_counter``'s clock, or ``None`` (every requested round runs).
+_TIME_BOX: list[tuple[float, int] | None] = [None]
+#: Every :func:`interleaved_times` call the time box cut short: ``(requested, timed)`` rounds.
+CUT_SHORT: list[tuple[int, int]] = []
+
+
+@contextlib.contextmanager
+def time_box(seconds: float | None, min_rounds: int = 3) -> Iterator[None]:
+    """Within ``with time_box(seconds, min_rounds=3):``, :func:`interleaved_times` stops
+    timing new rounds once ``seconds`` have passed since the ``with`` began, after at least
+    ``min_rounds`` timed rounds (or all requested, if fewer): repeats adapt to the time left
+    in a section's budget, so a slower machine still finishes on time. Each call it cut short
+    is appended to :data:`CUT_SHORT`; every figure's ``n`` is the rounds actually timed.
+    ``seconds=None``: no box (every requested round runs)."""
+    if min_rounds < 1:
+        raise ValueError(f"time_box: min_rounds must be >= 1, got {min_rounds}")
+    saved = _TIME_BOX[0]
+    if seconds is not None:
+        _TIME_BOX[0] = (time.perf_counter() + seconds, min_rounds)
+    try:
+        yield
+    finally:
+        _TIME_BOX[0] = saved
+
+
 def interleaved_times(
     fns: Mapping[str, Callable[[], Any]],
     *,
@@ -54,9 +81,12 @@ def interleaved_times(
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, calls interleaved round-robin.
 
+    Inside a :class:`time_box` the rounds stop at its deadline (after its minimum count):
+    each list then holds fewer than ``repeats`` entries, all from complete rounds.
+
     Args:
         fns: name -> function of no arguments (one unit of work).
-        repeats: timed rounds (each function is called once per round).
+        repeats: timed rounds (each function is called once per round), at most.
         warmup: untimed rounds first (allocations, caches, JIT compilation).
         sync: called with each function's return value before the clock stops
             (``jax.block_until_ready``); ``None`` when the work is synchronous.
@@ -75,7 +105,11 @@ def interleaved_times(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection landing in one implementation's call is noise
     try:
+        box = _TIME_BOX[0]
         for r in range(repeats):
+            if box is not None and r >= min(box[1], repeats) and time.perf_counter() > box[0]:
+                CUT_SHORT.append((repeats, r))
+                break
             # Rotate the order every round: no implementation always runs right after another.
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:

@@ -224,7 +224,7 @@ def run_cifar(config: Mapping[str, Any], progress: Any, found: str) -> dict[str,
 #: study's (:data:`benchmarks.label_noise.DATASET_SETTINGS`).
 DIGITS_RUNS: dict[str, tuple[tuple[int, ...], int | None]] = {
     "smoke": ((0,), 2),
-    "quick": ((0,), 20),
+    "quick": ((0,), 10),
     "full": ((0, 1, 2), None),
 }
 #: The optimizers of the digits runs (the study's names; ``sam/m16``: m-sharpness 16).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """sam-opt measured against its peers, on the machine it runs on (the main job).
 
-    python benchmarks/compare.py                 # the quick run: every section, a few minutes
+    python benchmarks/compare.py                 # the quick run: every section, 300 s budget
     python benchmarks/compare.py --full          # the full run: the figures to quote
     python benchmarks/compare.py --smoke         # tiny sizes, seconds (what the tests run)
     python benchmarks/compare.py --data-dir ~/data --budget default
@@ -60,6 +60,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+_STARTED = time.perf_counter()  # the script's run time counts from here, imports included
 _ROOT = Path(__file__).resolve().parent.parent
 _HERE = Path(__file__).resolve().parent
 if __name__ == "__main__":  # run as a script: import `benchmarks` and `examples` from the clone
@@ -104,6 +105,32 @@ NOT_IN_GPU_JOB = ("accuracy",)
 GPU_TESTS = ("-m", "cuda", "tests")
 GPU_TESTS_TIMEOUT_S = 300
 MODES = ("smoke", "quick", "full")
+
+#: The quick run's time budget in seconds, per default section, on 2 CPU cores and on its
+#: first run after set-up (no compilation cache yet). The sizes and repeats of each section's
+#: quick run were chosen to land under it; inside a section the timed rounds stop once its
+#: budget is spent (after at least :data:`MIN_ROUNDS`), so a slower machine still finishes
+#: near it. ``STARTUP`` is what lies outside the sections: start-up, imports, the plots and
+#: the report. The lead knob if a machine comes out over: the sections' ``SIZES["quick"]``.
+BUDGET_S: dict[str, float] = {
+    "STARTUP": 10,
+    "overhead": 25,
+    "memory": 5,
+    "step": 45,
+    "variants": 60,
+    "msharpness": 50,
+    "diagnostics": 12,
+    "accuracy": 50,
+    "agreement": 25,
+}
+#: What the quick run must take in all, first run included (the budget above adds up to less).
+QUICK_LIMIT_S = 300
+#: The fewest timed rounds a section's time box leaves (a median of fewer means little).
+MIN_ROUNDS = 3
+#: Where compiled XLA executables are kept between runs (JAX's persistent compilation cache),
+#: relative to the clone; ``runs/`` is ignored by git. ``SAM_BENCH_CACHE_DIR`` moves it,
+#: ``SAM_BENCH_CACHE=0`` or ``--no-cache`` turns it off.
+CACHE_DIR = Path("runs") / ".cache" / "jax"
 
 
 def load_section(section: Section) -> tuple[Any, str | None]:
@@ -178,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="the quick run (the default): every section with fewer repeats "
-                           "and smaller models, a few minutes on 2 CPU cores")
+                           "and smaller models, a budget of 300 s on 2 CPU cores (BUDGET_S)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full run: the figures to quote (about 15 minutes on 2 CPU "
                            "cores, plus the accuracy section and the m-sharpness section at "
@@ -223,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the full run's whole step uses WRN-16-8 at batch 128. JAX uses its "
                         "default backend (its GPU when jax[cuda] is installed). Default: cpu "
                         "(cuda with --gpu)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="no persistent JAX compilation cache (default: compiled executables "
+                        "are kept in runs/.cache/jax/ in the clone, or $SAM_BENCH_CACHE_DIR, "
+                        "so a second run skips XLA compilation; SAM_BENCH_CACHE=0 also turns "
+                        "it off)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are off anyway when stderr is not a terminal)")
     return p
@@ -272,6 +304,32 @@ def run_cuda_tests(out: Path) -> dict[str, Any]:
     return {"command": "python -m pytest -q " + " ".join(GPU_TESTS), "returncode": rc,
             "summary": lines[-1] if lines else "(no output)",
             "seconds": time.perf_counter() - t0, "output": "cuda-tests.txt"}
+
+
+def cache_folder(args: argparse.Namespace) -> Path | None:
+    """The persistent compilation cache's folder, or ``None`` when it is turned off."""
+    if args.no_cache or os.environ.get("SAM_BENCH_CACHE", "1").strip().lower() in (
+            "0", "false", "no", "off", ""):
+        return None
+    env = os.environ.get("SAM_BENCH_CACHE_DIR")
+    return Path(os.path.expanduser(env)) if env else _ROOT / CACHE_DIR
+
+
+def enable_jax_cache(folder: Path) -> dict[str, Any]:
+    """Turn on JAX's persistent compilation cache in ``folder``, for every program however
+    small or quick to compile (the benchmarks' steps compile in well under JAX's default
+    1-second threshold on a CPU). Compiled executables are deterministic given the program,
+    the jax/jaxlib version and the machine, which is what JAX keys them on; a figure that
+    times compilation (``compile_and_first_call_s``) reads as a cache load on a cached run.
+    Returns what the report says of it."""
+    import jax
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = sum(1 for _ in folder.iterdir())
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return {"dir": shown_path(folder), "entries_before": entries}
 
 
 def new_run_folder(parent: Path, now: float | None = None, prefix: str = "compare") -> Path:
@@ -332,14 +390,16 @@ def make_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, *, started: float | None = None) -> dict[str, Any]:
+    """Run the job; ``started`` is the ``time.perf_counter()`` the run's time counts from
+    (the script passes its own start, before torch and JAX are imported)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _early_threads(argv)
     args = build_parser().parse_args(argv)
 
     import torch
 
-    from benchmarks import report
+    from benchmarks import _timing, report
     from benchmarks._common import jax_side, pytorch_optimizer
     from benchmarks._progress import Progress
     from benchmarks._timing import machine_info, peak_rss_bytes
@@ -366,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
 
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() if started is None else started
     config = make_config(args, out)
     _, po_err = pytorch_optimizer()
     results: dict[str, Any] = {
@@ -383,6 +443,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "section_seconds": {},
         "notes": {},
     }
+    cache = cache_folder(args)
+    results["jax_cache"] = None
+    if cache is not None and "jax" in args.backends and importlib.util.find_spec("jax"):
+        try:
+            results["jax_cache"] = enable_jax_cache(cache)
+        except OSError as exc:  # an unwritable folder: run without the cache, and say so
+            results["notes"]["jax_cache"] = f"no compilation cache ({exc})"
+    budget = section_budgets(args.mode)
+    results["budget_s"] = budget
+    results["time_limit_s"] = QUICK_LIMIT_S if args.mode == "quick" else None
+    results["rounds_cut"] = {}
     if "jax" in args.backends:
         J = jax_side()
         results["peers"]["jax"] = J.error or "present"
@@ -397,8 +468,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     chosen = [s for s in SECTIONS if s.name in args.sections]
     loaded = {s.name: load_section(s) for s in chosen}
-    estimates = [(s.name, float(getattr(loaded[s.name][0], "ESTIMATE_S", {}).get(args.mode, 30)))
-                 for s in chosen if loaded[s.name][0] is not None]
+    # the progress bar's ETA: the quick run's budget, else each section's own estimate
+    estimates = [(s.name, float(budget.get(s.name) or getattr(
+        loaded[s.name][0], "ESTIMATE_S", {}).get(args.mode, 30)))
+        for s in chosen if loaded[s.name][0] is not None]
     progress = Progress(estimates, enabled=False if args.no_progress else None)
     after: dict[str, int | None] = {}
     try:
@@ -415,7 +488,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results[section.name] = {"skipped": "--skip-accuracy"}
                 continue
             t0 = time.perf_counter()
-            with progress.section(section.name):
+            cut_before = len(_timing.CUT_SHORT)
+            box = budget.get(section.name) if time_boxed() else None
+            with progress.section(section.name), _timing.time_box(box, min_rounds=MIN_ROUNDS):
                 try:
                     results[section.name] = module.run(config, progress)
                 except Exception as exc:
@@ -423,6 +498,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     results["errors"][section.name] = f"{type(exc).__name__}: {exc}"
                     results[section.name] = {"skipped": f"error: {type(exc).__name__}: {exc}"}
             results["section_seconds"][section.name] = time.perf_counter() - t0
+            if len(_timing.CUT_SHORT) > cut_before:
+                results["rounds_cut"][section.name] = [
+                    list(c) for c in _timing.CUT_SHORT[cut_before:]]
             after[section.name] = peak_rss_bytes()
     finally:
         progress.close()
@@ -447,12 +525,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[compare] accuracy: {skipped}")
     if args.mode != "smoke" and "\n## " in text:  # the targets table
         print("## " + text.split("\n## ", 2)[1].rstrip())
+    print("\n".join(report.time_lines(results)))
     print(f"[compare] {args.mode} run done in {results['seconds']:.0f} s; report: "
           f"{_for_terminal(out / 'report.md')} (results.json and {len(plots)} plots beside it)")
     if args.mode == "quick":
         print("[compare] this was the quick run; the figures to quote: "
               "python benchmarks/compare.py --full")
     return results
+
+
+def section_budgets(mode: str) -> dict[str, float]:
+    """Each section's time budget in seconds for a run in ``mode``: :data:`BUDGET_S` for the
+    quick run, none for the others (the full run's figures need every repeat it asks for).
+    ``SAM_BENCH_TIME_BOX=0`` keeps the budget as a yardstick but lets every section run all
+    its repeats (to measure what a section takes untouched)."""
+    if mode != "quick":
+        return {}
+    return {k: float(v) for k, v in BUDGET_S.items()}
+
+
+def time_boxed() -> bool:
+    """Whether the quick run's sections stop their repeats at their budget (the default)."""
+    return os.environ.get("SAM_BENCH_TIME_BOX", "1").strip().lower() not in (
+        "0", "false", "no", "off")
 
 
 def _json_default(obj: Any) -> Any:
@@ -480,4 +575,4 @@ def section_config(mode: str = "smoke", **overrides: Any) -> Mapping[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(started=_STARTED)

@@ -24,7 +24,7 @@ compiled step. Where a cost target is missed, a profile splits the m-SAM step in
 forward-backward passes at batch m and the rest.
 
 Section 7 of the main job (``benchmarks/compare.py``): :func:`run` takes the main job's
-config (``mode``: ``"smoke"`` tiny sizes, torch only; ``"quick"`` WRN-10-1 at batch 64,
+config (``mode``: ``"smoke"`` tiny sizes, torch only; ``"quick"`` WRN-10-1 at batch 32,
 m in {4, 16}, 3 rounds, no profile and no fresh-process memory; ``"full"`` the sizes above
 with every figure; and ``backends``, ``threads``, ``repeats``, ``device``) and its
 ``progress``, and returns a JSON-ready dict; :func:`report` renders it as markdown lines and
@@ -96,7 +96,7 @@ TARGETS = {16: 1.2, 4: 1.5}
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": {"depth": 10, "width": 1, "batch": 8, "ms": [2, 4], "repeats": 2, "warmup": 1,
               "memory": False, "profile": False, "probe_rolled_scan": False, "jax": False},
-    "quick": {"depth": 10, "width": 1, "batch": 64, "ms": [4, 16], "repeats": 3, "warmup": 1,
+    "quick": {"depth": 10, "width": 1, "batch": 32, "ms": [4, 16], "repeats": 3, "warmup": 1,
               "memory": False, "profile": False, "probe_rolled_scan": False, "jax": True},
     "full": {"jax": True},
     # the full run on a CUDA device (the GPU job): WRN-16-8 at batch 128, without the CPU

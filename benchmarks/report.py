@@ -344,7 +344,7 @@ def _mode_note(results: dict[str, Any]) -> list[str]:
     mode = results.get("mode", "full")
     if mode == "quick":
         return ["**This is the quick run**: every section with fewer repeats and smaller "
-                "models, a few minutes on a laptop. Ratios marked † are measured with few "
+                "models, within a budget of 300 s on 2 CPU cores. Ratios marked † are measured with few "
                 "repeats: read them as a first look. For the figures to quote run "
                 "`python benchmarks/compare.py --full` (or `make bench ARGS=--full`; about "
                 "15 minutes on 2 CPU cores, plus about 25 for the accuracy section when "
@@ -405,12 +405,67 @@ def write_report(results: dict[str, Any], out: Path, plots: list[str]) -> str:
                                                       f"failed (exit {t['returncode']})")
         md += ["## CUDA tests", "", f"`{t['command']}`: {status} in {t['seconds']:.0f} s, "
                f"`{t['summary']}` (whole output: `{t['output']}`).", ""]
+    md += time_lines(results, markdown=True)
     if results.get("errors"):
         md += ["## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
     md += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     text = "\n".join(md)
     (out / "report.md").write_text(text, encoding="utf-8")
     return text
+
+
+def time_lines(results: dict[str, Any], markdown: bool = False) -> list[str]:
+    """Each section's measured seconds against its budget (``results["budget_s"]``, the quick
+    run's), what lay outside the sections (start-up, imports, plots, report), and the whole
+    run against ``results["time_limit_s"]``; the rounds a time box cut short. A markdown
+    section for ``report.md``, or plain lines for the console."""
+    seconds = results.get("section_seconds", {})
+    budget = results.get("budget_s") or {}
+    limit = results.get("time_limit_s")
+    total = float(results.get("seconds", 0.0))
+    cut = results.get("rounds_cut") or {}
+
+    def within(t: float, b: float | None) -> str:
+        return "" if b is None else ("yes" if t <= b else "**no**" if markdown else "NO")
+
+    rows = [[name, f"{t:.0f}", "" if budget.get(name) is None else f"{budget[name]:.0f}",
+             within(t, budget.get(name))] for name, t in seconds.items()]
+    outside = max(0.0, total - sum(seconds.values()))
+    rows.append(["start-up, imports, plots, report", f"{outside:.0f}",
+                 "" if "STARTUP" not in budget else f"{budget['STARTUP']:.0f}",
+                 within(outside, budget.get("STARTUP"))])
+    planned = sum(budget.values()) if budget else None
+    rows.append(["**total**" if markdown else "total", f"{total:.0f}",
+                 "" if limit is None else f"{limit:.0f}"
+                 + (f" (budgets add up to {planned:.0f})" if planned else ""),
+                 within(total, limit)])
+    cache = results.get("jax_cache")
+    cache_note = (f"JAX compilation cache `{cache['dir']}` ({cache['entries_before']} entries "
+                  "before this run; 0 means every program compiled afresh)" if cache
+                  else "no JAX compilation cache")
+    cut_notes = [f"{name}: " + ", ".join(f"{done} of {asked}" for asked, done in calls)
+                 + " timed rounds" for name, calls in cut.items()]
+    if not markdown:
+        head = "[compare] time per section (s) against its budget"
+        width = max(len(r[0]) for r in rows)
+        lines = [head + (f" (the quick run's, {limit:.0f} s in all)" if limit else "") + ":"]
+        lines += [f"  {r[0]:<{width}}  {r[1]:>5}" + (f" / {r[2]}" if r[2] else "")
+                  + (f"  within: {r[3]}" if r[3] else "") for r in rows]
+        lines.append(f"  {cache_note.replace('`', '')}.")
+        if cut_notes:
+            lines.append("  the budget cut repeats short: " + "; ".join(cut_notes) + ".")
+        return lines
+    md = ["## Time against the budget", ""]
+    if limit:
+        md += [f"The quick run's budget: {limit:.0f} s in all on 2 CPU cores, first run "
+               "included; each section's below (`BUDGET_S` in `benchmarks/compare.py`). A "
+               "section's timed rounds stop once its budget is spent, after at least 3.", ""]
+    md += [_table(["section", "seconds", "budget (s)", "within"], rows), "",
+           f"{cache_note}.", ""]
+    if cut_notes:
+        md += ["The budget cut these sections' repeats short (each figure's `n` is the "
+               "rounds timed): " + "; ".join(cut_notes) + ".", ""]
+    return md
 
 
 def _gpu_lines(machine: dict[str, Any], results: dict[str, Any]) -> list[str]:

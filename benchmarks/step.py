@@ -37,7 +37,7 @@ TITLE = "2. Whole training step"
 #: measured on WRN-16-8 at batch 128, the CIFAR recipe's model and batch.
 SIZES = {
     "smoke": {"depth": 10, "width": 1, "batch": 8, "repeats": 2},
-    "quick": {"depth": 10, "width": 2, "batch": 32, "repeats": 6},
+    "quick": {"depth": 10, "width": 2, "batch": 32, "repeats": 4},
     "full": {"depth": 16, "width": 2, "batch": 64, "repeats": 20},
     "gpu": {"depth": 16, "width": 8, "batch": 128, "repeats": 30},
 }
@@ -121,7 +121,8 @@ def step_torch(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
     bar.close()
     rows = _rows_against(times, "torch SGD")
     return {"model": f"WRN-{s['depth']}-{s['width']} ({source})",
-            "batch": s["batch"], "repeats": s["repeats"], "device": str(device), "rows": rows}
+            "batch": s["batch"], "repeats": min(len(ts) for ts in times.values()),
+            "device": str(device), "rows": rows}
 
 
 def step_jax(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
@@ -168,7 +169,8 @@ def step_jax(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
             rows[AA_CONTROL]["paired_ratio_to_optax_opaque"] = paired_ratio(
                 times[AA_CONTROL], times["optax.contrib.sam opaque"])
     out = {"model": f"WRN-{s['depth']}-{s['width']} (examples.wrn_flax)",
-           "batch": s["batch"], "repeats": s["repeats"], "device": str(jax.devices()[0]),
+           "batch": s["batch"], "repeats": min(len(ts) for ts in times.values()),
+           "device": str(jax.devices()[0]),
            "rows": rows}
     if len(work) == 2 and all(work.values()):
         a, b = work["sam_jax"], work["optax.contrib.sam opaque"]
