@@ -228,7 +228,7 @@ class OptimizerSpec:
         base = {
             "sgd": "SGD", "sam": "SAM", "asam": "ASAM", "looksam": "LookSAM",
             "everyk": "every-k SAM", "msam": "Momentum-SAM", "gsam": "GSAM",
-            "bsam": "BSAM",
+            "bsam": "BSAM", "aesam": "AE-SAM", "esam": "ESAM", "mesa": "MESA", "saf": "SAF",
         }.get(self.name, self.name)
         return base if self.m is None else f"m-{base} (m={self.m})"
 
@@ -244,7 +244,7 @@ def parse_optimizer(text: str) -> OptimizerSpec:
         return OptimizerSpec(name)
     if not rest.startswith("m") or not rest[1:].isdigit() or int(rest[1:]) < 1:
         raise ValueError(f"an m-sharpness suffix is '/m' and a positive integer, got {text!r}")
-    if name == "sgd":
+    if name in NO_RHO:
         raise ValueError(f"m-sharpness needs a SAM-family optimizer, got {text!r}")
     return OptimizerSpec(name, int(rest[1:]))
 
@@ -314,9 +314,12 @@ def form_options(optimizer: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def _options_text(options: dict[str, Any] | None) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted((options or {}).items()))
-#: Optimizers that run without the rho ramp: SGD has no rho; BSAM's ascent step rho g / s is
-#: scaled by its precision, not normalized, and was run without it.
-NO_RHO_RAMP = ("sgd", "bsam")
+#: Optimizers without a rho: SGD, and SAF and MESA (a trajectory loss, no perturbation).
+#: Their runs are keyed, planned and shown with rho 0 (a rho in a record means nothing).
+NO_RHO = ("sgd", "saf", "mesa")
+#: Optimizers that run without the rho ramp: those without a rho; BSAM's ascent step
+#: rho g / s is scaled by its precision, not normalized, and was run without it.
+NO_RHO_RAMP = (*NO_RHO, "bsam")
 
 
 def rho_warmup_of(run: dict[str, Any]) -> float:
@@ -327,8 +330,9 @@ def rho_warmup_of(run: dict[str, Any]) -> float:
 
 
 def run_key(run: dict[str, Any]) -> tuple[Any, ...]:
-    """What identifies a run in ``results.json`` (SGD's rho does not matter: 0)."""
-    rho = 0.0 if run["optimizer"] == "sgd" else round(float(run["rho"]), 6)
+    """What identifies a run in ``results.json`` (the rho of SGD, SAF and MESA does not
+    matter: 0)."""
+    rho = 0.0 if run["optimizer"] in NO_RHO else round(float(run["rho"]), 6)
     return (
         run["dataset"],
         run["backend"],
@@ -423,7 +427,7 @@ def plan_runs(
                                 backend,
                                 opt,
                                 seed,
-                                0.0 if opt.name == "sgd" else float(rho),
+                                0.0 if opt.name in NO_RHO else float(rho),
                                 tuple(sorted({**config, **own}.items())),
                                 "sweep" if sweep else "grid",
                             )
@@ -492,6 +496,12 @@ def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> 
         "train_time_s": round(sum(h["epoch_time_s"] for h in history), 2),
         # forward-backward passes over a batch per optimizer step, counted by the loop
         "passes_per_step": round(sum(h["passes"] for h in history) / steps, 4),
+        # forwards over a batch without backward per step (not in passes_per_step): ESAM's
+        # selection forward, MESA's EMA forward on the epochs with its term
+        "forwards_per_step": round(
+            sum(h.get("forwards_per_step", 0.0) * h["passes"] / h["passes_per_step"]
+                for h in history) / steps, 4,
+        ),
         # train_time_s / the mean train_time_s of SGD's runs of the same invocation (same
         # dataset, backend, noise, epochs, data), set when the invocation ends (else None)
         "wall_time_ratio": None,
@@ -741,8 +751,10 @@ def in_grid(run: dict[str, Any]) -> bool:
         "config"
     ]["epochs"] or run.get("n_train") != settings["config"].get("limit_train"):
         return run.get("kind", "grid") == "grid"
-    if run["optimizer"] == "sgd":
-        return True
+    if run["optimizer"] in NO_RHO:
+        return (run.get("form_options") or {}) == settings.get("form_options", {}).get(
+            run["optimizer"], {}
+        )
     label = OptimizerSpec(run["optimizer"], run["m_sharpness"]).label
     if (run.get("form_options") or {}) != settings.get("form_options", {}).get(label, {}):
         return False  # a knob sweep's run
@@ -773,7 +785,7 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
             r["backend"],
             r["optimizer"],
             r["m_sharpness"],
-            0.0 if r["optimizer"] == "sgd" else r["rho"],
+            0.0 if r["optimizer"] in NO_RHO else r["rho"],
             rho_warmup_of(r),
             tuple(sorted((r.get("form_options") or {}).items())),
         )
@@ -1090,7 +1102,7 @@ def _settings_line(runs: list[dict[str, Any]], dataset: str) -> str:
 
 def _rho_text(r: dict[str, Any]) -> str:
     """rho, and its warm-up when there is one (``0.15, warm-up 5 ep``)."""
-    if r["optimizer"] == "sgd":
+    if r["optimizer"] in NO_RHO:
         return "–"
     warm = rho_warmup_of(r)
     return f"{r['rho']:g}" + (f", warm-up {warm:g} ep" if warm else "")

@@ -18,10 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import sam_core
+
 __all__ = [
     "DEFAULT_RHO",
     "FORM_OPTIONS",
     "RHO_WARMUP_OPTIMIZERS",
+    "TRAJECTORY_FORMS",
     "build_parser",
     "check_chunks",
     "form_option",
@@ -41,11 +44,18 @@ RHO_WARMUP_OPTIMIZERS = (
     "sam", "asam", "gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso",
     "aesam", "esam",
 )
-#: A form's own knobs (``--k``, ``--alpha``): flag -> (the forms that take it, their default).
+#: A form's own knobs (``--k``, ``--alpha``, ``--saf-start-epoch``, ...): flag (its Python
+#: name) -> (the forms that take it, their default). SAF's and MESA's are the library's
+#: defaults (:data:`sam_core.SAF_DEFAULTS`, :data:`sam_core.MESA_DEFAULTS`, the paper's).
 FORM_OPTIONS: dict[str, dict[str, Any]] = {
     "k": {"looksam": 5, "everyk": 5},
     "alpha": {"looksam": 0.7, "gsam": 0.2},
+    **{f"saf_{key}": {"saf": value} for key, value in sam_core.SAF_DEFAULTS.items()},
+    **{f"mesa_{key}": {"mesa": value} for key, value in sam_core.MESA_DEFAULTS.items()},
 }
+#: The forms that add a trajectory loss instead of perturbing (no rho, no m-sharpness):
+#: SAF and MESA (:mod:`examples.trajectory`).
+TRAJECTORY_FORMS = ("saf", "mesa")
 STEP_FRACTIONS = (0.3, 0.6, 0.8)
 STEP_GAMMA = 0.2
 
@@ -139,6 +149,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="looksam: weight of the reused orthogonal direction g_v (default 0.7); gsam: "
         "weight of the clean gradient's orthogonal part (default 0.2)",
     )
+    for form, defaults in (("saf", sam_core.SAF_DEFAULTS), ("mesa", sam_core.MESA_DEFAULTS)):
+        for key, value in defaults.items():  # the trajectory forms' knobs (docs/variants.md)
+            p.add_argument(
+                f"--{form}-{key.replace('_', '-')}", type=type(value), default=None,
+                help=f"{form}: {key} of sam_torch.{form.upper()} / sam_jax.{form} "
+                f"(default {value:g})",
+            )
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--limit-train", type=int, default=None, help="use the first N train images")
     p.add_argument("--limit-test", type=int, default=None, help="use the first N test images")
@@ -197,7 +214,8 @@ def _complete(args: argparse.Namespace) -> argparse.Namespace:
     for flag, forms in FORM_OPTIONS.items():
         if getattr(args, flag, None) is not None and args.optimizer not in forms:
             raise SystemExit(
-                f"--{flag} applies to --optimizer {' or '.join(forms)}, got {args.optimizer!r}; "
+                f"--{flag.replace('_', '-')} applies to --optimizer {' or '.join(forms)}, got "
+                f"{args.optimizer!r}; "
                 "drop the flag for it"
             )
     m = args.m_sharpness

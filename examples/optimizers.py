@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from examples.cli import FORM_OPTIONS, form_option
+from examples.cli import FORM_OPTIONS, TRAJECTORY_FORMS, form_option
+from examples.trajectory import make_optax_trajectory, make_torch_trajectory
 
 __all__ = [
     "ESAM_BETA",
@@ -93,12 +94,19 @@ def _torch_bsam(model_or_params: Any, args: Any) -> Any:
 
 
 #: Forms the loops do not run with m-sharpness: AE-SAM decides per batch from the whole
-#: batch's gradient, ESAM selects examples of the whole batch, BSAM is its own optimizer.
-NO_M_SHARPNESS = ("aesam", "esam", "bsam")
+#: batch's gradient, ESAM selects examples of the whole batch, BSAM is its own optimizer;
+#: SAF and MESA perturb nothing (a trajectory loss, no rho).
+NO_M_SHARPNESS = ("aesam", "esam", "bsam", *TRAJECTORY_FORMS)
 
 
 def check_m_sharpness(name: str, m: int | None) -> None:
     """Raise for ``m`` (m-sharpness) with a form of :data:`NO_M_SHARPNESS`."""
+    if m is not None and name in TRAJECTORY_FORMS:
+        raise ValueError(
+            f"m_sharpness={m} is not supported with optimizer {name!r}: it is no SAM-family "
+            "form (a trajectory loss, no perturbation or rho); drop m_sharpness, or use sam "
+            "or asam with it"
+        )
     if m is not None and name in NO_M_SHARPNESS:
         raise ValueError(
             f"m_sharpness={m} is not supported with optimizer {name!r} (its step is defined on "
@@ -168,6 +176,23 @@ TORCH_OPTIMIZERS.update(
 )
 
 
+def _torch_trajectory(name: str) -> Callable[[Any, Any], Any]:
+    """SAF / MESA around SGD (:func:`examples.trajectory.make_torch_trajectory`) with the
+    library's defaults unless ``args.saf_*`` / ``args.mesa_*`` say otherwise; SAF's memory
+    has ``args.num_data`` rows (set by the loop: the training set's size)."""
+
+    def build(model_or_params: Any, args: Any) -> Any:
+        num_data = getattr(args, "num_data", None)
+        if name == "saf" and num_data is None:
+            raise ValueError("saf needs args.num_data, the number of training examples")
+        return make_torch_trajectory(name, model_or_params, args, num_examples=num_data)
+
+    return build
+
+
+TORCH_OPTIMIZERS.update(saf=_torch_trajectory("saf"), mesa=_torch_trajectory("mesa"))
+
+
 def make_torch_optimizer(name: str, model_or_params: Any, args: Any) -> Any:
     """Build the torch optimizer ``name`` (a key of :data:`TORCH_OPTIMIZERS`).
 
@@ -232,6 +257,9 @@ class OptaxEntry:
     decided_on_host: bool = False
     #: ESAM: ``update(..., loss_fn=, losses=)`` with per-example losses instead of ``grad_fn``
     per_example_loss: bool = False
+    #: SAF / MESA: a trajectory term in the loss (:mod:`examples.trajectory`); the loop hands
+    #: the step the batch's example indices and the epoch
+    trajectory: bool = False
 
 
 def _optax_base(args: Any, schedule: Callable[[Any], Any]) -> list[Any]:
@@ -385,6 +413,25 @@ def _optax_bsam(args: Any, schedule: Callable[[Any], Any]) -> Any:
 OPTAX_OPTIMIZERS["bsam"] = OptaxEntry(
     _optax_bsam, needs_grad_fn=True, needs_clean_grad=False, grad_fn_passes=2
 )
+
+
+def _optax_trajectory(name: str) -> OptaxEntry:
+    """``sam_jax.saf`` / ``mesa`` around the SGD chain
+    (:func:`examples.trajectory.make_optax_trajectory`, the torch entry's settings); SAF's
+    memory needs ``args.num_data`` and ``args.num_classes`` (set by the loop)."""
+
+    def build(args: Any, schedule: Callable[[Any], Any]) -> Any:
+        num_data, num_classes = getattr(args, "num_data", None), getattr(args, "num_classes", None)
+        if name == "saf" and (num_data is None or num_classes is None):
+            raise ValueError("saf needs args.num_data and args.num_classes (its output memory)")
+        return make_optax_trajectory(
+            name, args, schedule, num_examples=num_data, num_classes=num_classes
+        )
+
+    return OptaxEntry(build, needs_grad_fn=False, trajectory=True)
+
+
+OPTAX_OPTIMIZERS.update(saf=_optax_trajectory("saf"), mesa=_optax_trajectory("mesa"))
 
 
 def make_optax(name: str, args: Any, steps_per_epoch: int) -> Any:

@@ -62,6 +62,7 @@ from examples.cli import (
 )
 from examples.data import Split, TrainingData, batches, epoch_rng, fit_metrics, load_training_data
 from examples.optimizers import ESAM_GAMMA, OPTAX_OPTIMIZERS, check_m_sharpness, make_optax
+from examples.trajectory import indexed_batches, jax_trajectory_term, jax_update_kwargs
 
 __all__ = ["TrainState", "init_state", "main", "make_steps", "train"]
 
@@ -104,7 +105,9 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
     cached so that resuming in the same process reuses the compiled steps.
 
     ``train_step(state, x, y, full_step)`` returns ``(state, (loss, correct, sharpness))``;
-    it is jitted, except for AE-SAM, where it is two jitted steps chosen on the host: the
+    for SAF and MESA it is ``train_step(state, x, y, indices, epoch, active)`` returning
+    ``(state, (loss, correct, trajectory_term))``, jitted with ``active`` static (two
+    compiled steps, the term compiled out before the start epoch). It is jitted, except for AE-SAM, where it is two jitted steps chosen on the host: the
     clean pass with the update of a ``grad_fn`` that evaluates nothing (its ``lax.cond``
     holds no model), whose result is the step when the rule chose a plain step
     (``state.is_sam_step`` False, read on the host), and on a SAM step the update again from
@@ -150,6 +153,37 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
     m_impl = {"auto": "auto", "loop": "scan", "vectorized": "vmap"}[
         args.m_sharpness_impl or "auto"
     ]
+
+    @functools.partial(jax.jit, static_argnames="active")
+    def trajectory_step(
+        state: TrainState, x: jax.Array, y: jax.Array, indices: jax.Array, epoch: jax.Array,
+        active: bool,
+    ) -> tuple[TrainState, Any]:
+        # SAF / MESA: one forward-backward of CE + the trajectory term; ``active`` (static,
+        # chosen on the host per epoch) compiles the term out before the start epoch, so
+        # MESA's EMA forward runs only on the epochs with it
+        def total_loss(params: Any) -> Any:
+            loss, (logits, new_stats) = loss_fn(params, state.batch_stats, x, y)
+            term = jnp.zeros((), loss.dtype)
+            if active:
+                def ema_apply(ema: Any) -> jax.Array:
+                    # MESA: eval mode with the running statistics after this batch's clean
+                    # pass (torch's order: the model's buffers once model(x) has run)
+                    return model.apply({"params": ema, "batch_stats": new_stats}, x, train=False)
+
+                term = jax_trajectory_term(state.opt_state, logits, ema_apply, indices, epoch)
+            return loss + term, (loss, term, logits, new_stats)
+
+        (_, (loss, term, logits, new_stats)), grads = jax.value_and_grad(
+            total_loss, has_aux=True
+        )(state.params)
+        updates, opt_state = tx.update(
+            grads, state.opt_state, state.params,
+            **jax_update_kwargs(state.opt_state, logits, indices, epoch),
+        )
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == y)
+        return TrainState(params, new_stats, opt_state), (loss, correct, term)
 
     @functools.partial(jax.jit, static_argnames="full_step")
     def train_step(
@@ -230,6 +264,8 @@ def make_steps(config: tuple[tuple[str, Any], ...], steps_per_epoch: int) -> tup
 
     if entry.decided_on_host:
         train_step = _host_decided_step(tx, value_and_grad, perturbed_grad_fn)
+    if entry.trajectory:
+        train_step = trajectory_step
 
     eval_variables = _eval_fn(
         args.dataset, args.depth, args.width, args.num_classes, args.label_smoothing
@@ -284,6 +320,14 @@ def _host_decided_step(tx: Any, value_and_grad: Any, perturbed_grad_fn: Any) -> 
         return sam_step(state, grads, aux[0], aux[1], new_stats, x, y)
 
     return train_step
+
+
+def _trajectory_active(opt_state: Any, epoch: int) -> bool:
+    """Whether SAF's / MESA's term is on at zero-based ``epoch`` (its state's start and end
+    epochs, read on the host)."""
+    return bool(sam_core.trajectory_active(
+        epoch, int(opt_state.start_epoch), int(opt_state.end_epoch)
+    ))
 
 
 def _model(dataset: str, depth: int, width: int, num_classes: int) -> Any:
@@ -421,6 +465,8 @@ _STEP_KEYS = (
     "eta",
     "k",
     "alpha",
+    *(f"saf_{key}" for key in sam_core.SAF_DEFAULTS),
+    *(f"mesa_{key}" for key in sam_core.MESA_DEFAULTS),
     "lr",
     "momentum",
     "weight_decay",
@@ -460,7 +506,8 @@ def train_model(
     (parameters and BatchNorm statistics for analyses such as sharpness measures).
 
     Returns the history, one dict per epoch with the keys of
-    :func:`examples.train_torch.train` (with m-sharpness, ``train_acc`` comes from the
+    :func:`examples.train_torch.train`, the passes and forwards counted by the same rule
+    (with m-sharpness, ``train_acc`` comes from the
     chunks' clean logits, which :func:`sam_jax.m_sharpness_update` returns). ``progress(metrics)`` is called after each epoch. Files are written only
     when ``config.out`` is set.
     """
@@ -504,25 +551,38 @@ def train_model(
     full_step_at = entry.full_step
     k = form_option(config, "k", config.optimizer) if full_step_at is not None else None
     m = getattr(config, "m_sharpness", None)
+    trajectory = entry.trajectory
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         seen, loss_sum, correct, sharp_sum, sharp_seen = 0, 0.0, 0, 0.0, 0
         passes, steps = 0, 0  # forward-backward passes over a batch, optimizer steps
-        bar = tqdm(
-            batches(
+        forwards = 0  # forwards over a batch without backward (MESA's EMA, ESAM's selection)
+        term_sum = 0.0  # SAF / MESA: the trajectory term, summed over the examples
+        if trajectory:  # the same batches with their indices into the training set
+            active = _trajectory_active(state.opt_state, epoch)  # one host read per epoch
+            mesa_forward = int(active and isinstance(state.opt_state, sam_jax.MESAState))
+            stream: Any = indexed_batches(
+                train_split, config.batch_size, seed=config.seed, epoch=epoch,
+                dataset=config.dataset, augment=augment,
+            )
+        else:
+            stream = batches(
                 train_split,
                 config.batch_size,
                 dataset=config.dataset,
                 rng=epoch_rng(config.seed, epoch),
                 train=True,
                 augment=augment,
-            ),
+            )
+        bar = tqdm(
+            stream,
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             disable=getattr(config, "no_progress", True),
             leave=False,
         )
-        for i, (x, y) in enumerate(bar):
+        for i, batch in enumerate(bar):
+            x, y = batch[0], batch[1]
             lr = lr_at(
                 epoch * steps_per_epoch + i,
                 lr=config.lr,
@@ -532,9 +592,18 @@ def train_model(
             )
             t = epoch * steps_per_epoch + i
             full_step = None if full_step_at is None else full_step_at(t, k)
-            state, (loss, batch_correct, sharpness) = train_step(
-                state, jnp.asarray(x), jnp.asarray(y), full_step
-            )
+            if trajectory:
+                state, (loss, batch_correct, term) = train_step(
+                    state, jnp.asarray(x), jnp.asarray(y), jnp.asarray(batch[2], jnp.int32),
+                    jnp.asarray(epoch, jnp.int32), active,
+                )
+                sharpness = jnp.float32(jnp.nan)
+                forwards += mesa_forward
+                term_sum += float(term) * len(y)
+            else:
+                state, (loss, batch_correct, sharpness) = train_step(
+                    state, jnp.asarray(x), jnp.asarray(y), full_step
+                )
             # what the compiled step computes: a clean pass unless the form needs none, and a
             # perturbed one unless this is a one-pass step (chosen on the host)
             steps += 1
@@ -542,6 +611,7 @@ def train_model(
                 passes += 2
             elif entry.per_example_loss:  # ESAM: the batch at w, its k selected at w + e
                 passes += 1 + sam_core.sds_count(len(y), ESAM_GAMMA) / len(y)
+                forwards += 1  # the selection's forward at w + e, without backward
             elif entry.decided_on_host:  # AE-SAM: the perturbed pass on its SAM steps only
                 passes += 1 + int(bool(_first_state(state.opt_state).is_sam_step))
             else:
@@ -571,6 +641,8 @@ def train_model(
             "epoch_time_s": round(time.perf_counter() - started, 3),
             "passes": passes,
             "passes_per_step": passes / steps,
+            "forwards_per_step": forwards / steps,
+            "trajectory_loss": term_sum / seen if trajectory else None,
             "test_ece": None,  # the final epoch's: the final model's calibration
             "test_acc_calibrated": None,
         }

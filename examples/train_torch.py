@@ -65,6 +65,7 @@ from examples.data import (
     to_nchw,
 )
 from examples.optimizers import check_m_sharpness, make_torch_optimizer
+from examples.trajectory import TRAJECTORY_FORMS, indexed_batches, torch_trajectory_term
 
 __all__ = ["build_model", "evaluate", "main", "predict", "train", "train_model"]
 
@@ -163,7 +164,15 @@ def train_model(
     batch in the epoch: 2 on a SAM or BSAM step, 1 on an SGD, Momentum-SAM, LookSAM /
     every-k reuse or AE-SAM plain step, 1 + k/B on an ESAM step, whose perturbed backward
     is on its k selected examples of the B and whose selection forward at w + e is not
-    counted) and ``passes_per_step``. Momentum-SAM's one pass is at :math:`w + e`, so its
+    counted here but in ``forwards_per_step``; SAF 1; MESA 1, its EMA forward in
+    ``forwards_per_step``) and ``passes_per_step``; ``forwards_per_step`` (forwards over a
+    batch without backward per step, not in ``passes``: ESAM's selection forward at w + e,
+    1 per step; MESA's forward with the EMA weights, 1 per step on the epochs with its term,
+    0 before; 0 for the other forms; a forward alone costs roughly a third of a pass);
+    ``trajectory_loss`` (SAF / MESA: the mean trajectory term added to the loss, 0 before
+    its start epoch; ``None`` for the other forms; ``train_loss`` is the cross-entropy
+    alone). SAF and MESA train on :func:`examples.trajectory.indexed_batches` (the same
+    batches with their indices). Momentum-SAM's one pass is at :math:`w + e`, so its
     ``train_loss`` and ``train_acc`` are those of the perturbed point. ``progress(metrics)`` is called after each
     epoch. Files are written only when ``config.out`` is set.
     """
@@ -188,6 +197,7 @@ def train_model(
     optimizer = make_torch_optimizer(config.optimizer, model, opt_config)
     two_pass = hasattr(optimizer, "first_step")
     one_pass = isinstance(optimizer, sam_torch.MomentumSAM) and m is None
+    trajectory = config.optimizer in TRAJECTORY_FORMS
     rho_warmup = rho_warmup_steps(config, steps_per_epoch)
     if m is not None and not two_pass:
         raise ValueError(f"m_sharpness needs a SAM-family optimizer, got {config.optimizer!r}")
@@ -226,21 +236,31 @@ def train_model(
         started = time.perf_counter()
         seen, loss_sum, correct, sharp_sum, sharp_seen = 0, 0.0, 0, 0.0, 0
         passes, steps = 0, 0  # forward-backward passes over a batch, optimizer steps
-        bar = tqdm(
-            batches(
+        forwards = 0  # forwards over a batch without backward (MESA's EMA, ESAM's selection)
+        term_sum = 0.0  # SAF / MESA: the trajectory term, summed over the examples
+        if trajectory:  # the same batches with their indices into the training set
+            stream: Any = indexed_batches(
+                train_split, config.batch_size, seed=config.seed, epoch=epoch,
+                dataset=config.dataset, augment=augment,
+            )
+        else:
+            stream = batches(
                 train_split,
                 config.batch_size,
                 dataset=config.dataset,
                 rng=epoch_rng(config.seed, epoch),
                 train=True,
                 augment=augment,
-            ),
+            )
+        bar = tqdm(
+            stream,
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             disable=getattr(config, "no_progress", True),
             leave=False,
         )
-        for i, (x, y) in enumerate(bar):
+        for i, batch in enumerate(bar):
+            x, y = batch[0], batch[1]
             lr = lr_at(
                 epoch * steps_per_epoch + i,
                 lr=config.lr,
@@ -298,6 +318,7 @@ def train_model(
                 # forward-backward over the batch at w and over the selected examples at
                 # w + e (the selection's forward at w + e has no backward: not counted)
                 passes += 1 + chosen / len(y)
+                forwards += 1
                 if optimizer.perturbed_loss is not None:
                     sharp_sum += float(optimizer.perturbed_loss - loss) * len(y)
                     sharp_seen += len(y)
@@ -326,6 +347,18 @@ def train_model(
                 optimizer.zero_grad(set_to_none=True)
                 passes += 1
                 correct += int((outputs[-1].argmax(1) == yt).sum())
+            elif trajectory:  # SAF / MESA: one forward-backward of CE + the trajectory term
+                logits = model(xt)
+                loss = loss_fn(logits, yt)
+                # MESA: its EMA forward (eval mode, no backward) only on the epochs with the term
+                term = torch_trajectory_term(optimizer, model, logits, xt, batch[2], epoch)
+                (loss + term).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                passes += 1
+                forwards += int(isinstance(optimizer, sam_torch.MESA) and optimizer.active(epoch))
+                term_sum += float(term.detach()) * len(y)
+                correct += int((logits.argmax(1) == yt).sum())
             else:
                 logits = model(xt)
                 loss = loss_fn(logits, yt)
@@ -372,6 +405,8 @@ def train_model(
             "epoch_time_s": round(time.perf_counter() - started, 3),
             "passes": passes,
             "passes_per_step": passes / steps,
+            "forwards_per_step": forwards / steps,
+            "trajectory_loss": term_sum / seen if trajectory else None,
             "test_ece": None,  # the final epoch's: the final model's calibration
             "test_acc_calibrated": None,
         }
