@@ -15,8 +15,11 @@ Every function takes ``(loss_fn, params, data, ...)``:
   :math:`L = \sum_b n_b L_b / \sum_b n_b` (:math:`n_b`: the leading dimension of the batch's
   first array), so every measure is exact for the whole data set.
 
-Hessian-vector products are forward-over-reverse, ``jax.jvp(jax.grad(f), (w,), (v,))``
-(about two gradients, nothing kept between products), jitted once per batch shape; the
+Hessian-vector products are forward-over-reverse. Over one batch (a batch, or a one-element
+list) the gradient is linearized once per call, ``jax.linearize(jax.grad(f), w)``, and each
+product applies the linear map (the forward and backward pass are not recomputed; their
+residuals are held until the call returns); over several batches each product is
+``jax.jvp(jax.grad(f), (w,), (v,))`` per batch. All are jitted once per batch shape; the
 outer loops (Lanczos, Hutchinson, the ascent of worst-case sharpness) run on the host and
 read a few scalars per iteration. ``params`` is never modified.
 
@@ -152,6 +155,19 @@ def _hvp_jit(point: list[Any], v: list[Any], leaves: list[Any], batch: Any, **st
     return jax.jvp(lambda p: jax.grad(_loss_of)(p, leaves, batch, **static), (point,), (v,))[1]
 
 
+@partial(jax.jit, static_argnames=_STATIC)
+def _linearize_jit(point: list[Any], leaves: list[Any], batch: Any, **static: Any) -> Any:
+    """The gradient's linearization at ``point``: a ``Partial`` whose arrays are the residuals."""
+    return jax.linearize(lambda p: jax.grad(_loss_of)(p, leaves, batch, **static), point)[1]
+
+
+@jax.jit
+def _apply_linear(linear: Any, v: list[Any]) -> Any:
+    # ``linear``'s function is static (the same object for every linearization the cached
+    # ``_linearize_jit`` returns), its residuals are traced arguments: compiled once.
+    return linear(v)
+
+
 class _Objective:
     """The full-pass loss over the floating-point leaves of ``params``, jitted per batch shape."""
 
@@ -191,6 +207,9 @@ class _Objective:
     def _hvp(self, point: list[Any], v: list[Any], batch: Any) -> Any:
         return _hvp_jit(point, v, self.leaves, batch, **self._static)
 
+    def _linearize(self, point: list[Any], batch: Any) -> Any:
+        return _linearize_jit(point, self.leaves, batch, **self._static)
+
     # -- conversions ------------------------------------------------------------------
     def arrays(self, xs: Sequence[Any]) -> list[Any]:
         return [jnp.asarray(np.asarray(x), dtype=self.dtype) for x in xs]
@@ -225,7 +244,24 @@ class _Objective:
         return np.concatenate([np.asarray(x).reshape(-1) for x in xs]).astype(self.host_dtype(), copy=False)
 
     def flat_hvp(self, batches: Iterable[Any]) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda v: self.to_host(self.hvp(self.split(v), batches))
+        product = self.hvp_operator(batches)
+        return lambda v: self.to_host(product(self.split(v)))
+
+    def hvp_operator(self, batches: Iterable[Any]) -> Callable[[list[Any]], Any]:
+        """``v -> H v`` at ``params`` over ``batches``, for many products in a row.
+
+        Over one batch (a batch, or a one-element tuple/list) the gradient is linearized once
+        (``jax.linearize``: the forward and backward pass and their residuals) and each product
+        applies the linear map (about two gradients instead of three), holding the residuals
+        until the operator is dropped. Over several batches each product is a fresh
+        ``jvp(grad)`` per batch (:meth:`hvp`).
+        """
+        if not (isinstance(batches, (tuple, list)) and len(batches) == 1):
+            return lambda v: self.hvp(v, batches)
+        (batch,) = batches
+        self._check(batch)
+        linear = self._linearize(self.params, batch)
+        return lambda v: _apply_linear(linear, list(v))
 
     # -- evaluations ------------------------------------------------------------------
     def _check(self, batch: Any) -> None:
@@ -242,6 +278,14 @@ class _Objective:
                 "(reduce it, e.g. with .mean())"
             )
         self._checked = True
+
+    def validate(self, batches: Iterable[Any]) -> None:
+        """Check ``loss_fn`` on the first batch, abstractly (nothing is compiled or computed)."""
+        for batch in batches:
+            _batch_size(batch)
+            self._check(batch)
+            return
+        raise ValueError("data holds no batches")
 
     def point(self, delta: Sequence[Any] | None) -> list[Any]:
         if delta is None:
@@ -335,7 +379,7 @@ def hessian_eigenvalues(
     check_nonnegative("tol", tol)
     rng = _rng(seed)
     batches = _batches(data)
-    obj.loss(None, batches)
+    obj.validate(batches)
     matvec = obj.flat_hvp(batches)
 
     def random_start() -> np.ndarray:
@@ -401,7 +445,7 @@ def hessian_trace(
         count = len(given)
         vectors = [obj.to_host(obj.vector(z, f"probe {i}")) for i, z in enumerate(given)]
     batches = _batches(data)
-    obj.loss(None, batches)
+    obj.validate(batches)
     bar = core.progress_bar(progress, count, "Hessian trace")
     try:
         return core.hutchinson(obj.flat_hvp(batches), vectors, progress=bar)

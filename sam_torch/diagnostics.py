@@ -25,13 +25,18 @@ afterwards. Weights are never written: every evaluation is a ``torch.func.functi
 at :math:`w + \delta`, so the parameters are bit for bit what they were and no ``.grad`` is
 created or changed.
 
-Hessian-vector products: ``hvp="func"`` (forward-over-reverse,
-``torch.func.jvp(torch.func.grad(f))``, no graph kept between products) or
-``"double_backward"`` (``torch.autograd.grad`` of the gradient built with
-``create_graph=True``, PyHessian's way, one product per pass). ``"auto"`` takes the double
-backward: on CPU it measured faster than ``torch.func``'s composition (about 3x on the tests'
-small networks, 1.3-1.9x on a WRN-10-1 at batch 8-16; ``benchmarks/diagnostics.py`` times both), and it
-works for every operation with a derivative, including those without a forward-mode one.
+Hessian-vector products: ``hvp="double_backward"`` (``torch.autograd.grad`` of the gradient
+built with ``create_graph=True``, PyHessian's way) or ``"func"`` (``torch.func``). Over one
+batch (a batch, or a one-element list) the part that does not depend on the vector is built
+once per call of a function and every product reuses it: the gradient's graph for the double
+backward, ``torch.func.vjp(torch.func.grad(f))`` for ``"func"`` (reverse over reverse: the
+Hessian is symmetric, so the vjp of the gradient is :math:`Hv`), each product one backward
+through it. Over several batches each product rebuilds it per batch (one batch's graph held
+at a time): the double backward, or ``torch.func.jvp(torch.func.grad(f))`` (forward over
+reverse) for ``"func"``. ``"auto"`` takes the faster as measured on CPU by
+``benchmarks/diagnostics.py`` (WRN-16-2, batch 128, float32): ``"func"`` over one batch (1.9
+gradients per product against 2.4 for the reused double backward), the double backward over
+several (4.0 gradients per product against 4.2 for the forward-over-reverse).
 
 The math is :mod:`sam_core`'s; ``sam_jax.diagnostics`` computes the same numbers.
 """
@@ -270,7 +275,8 @@ class _Objective:
         return torch.cat([x.reshape(-1) for x in xs]).cpu().numpy().astype(self.host_dtype(), copy=False)
 
     def flat_hvp(self, batches: Iterable[Any]) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda v: self.to_host(self.hvp(self.split(v), batches))
+        product = self.hvp_operator(batches)
+        return lambda v: self.to_host(product(self.split(v)))
 
     # -- evaluations ------------------------------------------------------------------
     def _call(self, point: Sequence[Tensor], batch: Any) -> Tensor:
@@ -344,6 +350,54 @@ class _Objective:
         _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangents,))
         return [hv[n] for n in names]
 
+    def hvp_operator(self, batches: Iterable[Any]) -> Callable[[list[Tensor]], list[Tensor]]:
+        """``v -> H v`` at the weights over ``batches``, for many products in a row.
+
+        Over one batch (a batch, or a one-element tuple/list) what does not depend on ``v`` is
+        computed once: the gradient's graph (``create_graph=True``) for the double backward, the
+        ``torch.func.vjp`` of the gradient for ``"func"``; each product is then one backward
+        through it (about two gradients instead of three), and the graph (the activations of
+        one forward and backward pass) is held until the operator is dropped. Over several
+        batches each product rebuilds it per batch (:meth:`hvp`): one batch's graph at a time.
+        """
+        if not (isinstance(batches, (tuple, list)) and len(batches) == 1):
+            return lambda v: self.hvp(v, batches)
+        (batch,) = batches
+        _batch_size(batch)  # validates the batch
+        if self.hvp_method in ("func", "auto"):
+            return self._func_operator(batch)
+        with torch.enable_grad():
+            ps = [p.detach().requires_grad_(True) for p in self.params]
+            loss = self._checked(self._call(ps, batch))
+            grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True, materialize_grads=True)
+        index = [i for i, g in enumerate(grads) if g.requires_grad]
+        outputs = [grads[i] for i in index]
+
+        def product(v: list[Tensor]) -> list[Tensor]:
+            if not outputs:  # the loss is linear in every parameter
+                return [torch.zeros_like(p) for p in ps]
+            hv = torch.autograd.grad(outputs, ps, grad_outputs=[v[i] for i in index], retain_graph=True,
+                                     allow_unused=True, materialize_grads=True)
+            return [h.detach() for h in hv]
+
+        return product
+
+    def _func_operator(self, batch: Any) -> Callable[[list[Tensor]], list[Tensor]]:
+        names = self.names
+
+        def loss_of(params: dict[str, Tensor]) -> Tensor:
+            return self._checked(torch.func.functional_call(self.wrapper, params, (batch,)))
+
+        # The Hessian is symmetric: the vjp of the gradient is H v (reverse over reverse), and
+        # its vjp_fn replays the recorded backward for each v.
+        _, vjp_fn = torch.func.vjp(torch.func.grad(loss_of), dict(zip(names, self.params, strict=True)))
+
+        def product(v: list[Tensor]) -> list[Tensor]:
+            (hv,) = vjp_fn(dict(zip(names, v, strict=True)))
+            return [hv[n].detach() for n in names]
+
+        return product
+
     def hvp(self, v: list[Tensor], batches: Iterable[Any]) -> list[Tensor]:
         point = list(self.params)
         total: list[Tensor] | None = None
@@ -358,6 +412,8 @@ class _Objective:
         return self.ops.scale(total, 1.0 / count)
 
     def _one_hvp(self, point: list[Tensor], v: list[Tensor], batch: Any) -> list[Tensor]:
+        # "auto" over several batches: the double backward, measured faster than the
+        # forward-over-reverse when each product starts from the weights.
         if self.hvp_method == "func":
             return self._hvp_func(point, v, batch)
         return self._hvp_double_backward(point, v, batch)

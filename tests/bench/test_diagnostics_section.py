@@ -31,8 +31,10 @@ def test_smoke_run_through_compare(tmp_path: Path) -> None:
     assert res["mode"] == "smoke" and res["config"]["iterations"] == smoke["iterations"]
     rows = res["torch"]["rows"]
     assert rows["gradient"]["median_ms"] > 0 and rows["gradient"]["n"] == smoke["repeats"]
-    hvp = rows["HVP, double backward (default)"]
-    assert hvp["median_ms"] > 0 and hvp["ratio_to_gradient"]["median"] > 0
+    assert set(diagnostics.TORCH_ROWS.values()) <= set(rows)
+    for name in diagnostics.TORCH_ROWS.values():
+        assert rows[name]["median_ms"] > 0 and rows[name]["ratio_to_gradient"]["median"] > 0
+    hvp = rows[diagnostics.TORCH_ROWS["func"]]
     lanczos = rows[f"lambda_max, Lanczos {smoke['iterations']} iterations (sam_torch)"]
     power = rows[f"lambda_max, PyHessian-style power iteration, {smoke['iterations']} products"]
     # Same model and data: after 3 products, Lanczos's Ritz value is at least the power
@@ -44,7 +46,7 @@ def test_smoke_run_through_compare(tmp_path: Path) -> None:
     assert target["measured"] == f"{ratio:.2f}x" and target["holds"] == (ratio <= 2.5)
     report = (out / "report.md").read_text()
     assert "## 8. Diagnostics: cost of Hessian-vector products and lambda_max" in report
-    assert "| HVP, torch.func jvp of grad |" in report
+    assert f"| {diagnostics.TORCH_ROWS['func_per_product']} |" in report
 
 
 def test_sizes_per_mode_and_registration() -> None:
@@ -52,6 +54,7 @@ def test_sizes_per_mode_and_registration() -> None:
     assert diagnostics.SIZES["full"]["depth"] == 16 and diagnostics.SIZES["full"]["width"] == 2
     assert diagnostics.SIZES["full"]["batch"] == 128 and diagnostics.SIZES["full"]["iterations"] == 20
     assert diagnostics.SIZES["full"]["jax"] and not diagnostics.SIZES["smoke"]["jax"]
+    assert diagnostics.SIZES["quick"]["jax"] and diagnostics.SIZES["full"]["jax_per_product"]
     assert diagnostics.ESTIMATE_S["quick"] <= 20
     assert "diagnostics" in compare.SECTION_NAMES
     cfg, note = diagnostics._config(compare.section_config(mode="quick", backends=("torch",)))

@@ -47,6 +47,21 @@ def test_hutchinson_and_batches():
     assert common.rel(split.samples, estimate.samples) < 1e-10
 
 
+def test_linearized_and_per_product_hvps_agree():
+    """The one-batch operator (gradient linearized once, reused) against a fresh jvp of grad
+    per product, over one batch and over two, for several vectors in a row."""
+    loss_fn, params, (x, y), _ = common.jax_problem("conv")
+    obj = D._Objective(loss_fn, params)
+    linearized = obj.flat_hvp([(x, y)])
+    split = obj.flat_hvp([(x[:5], y[:5]), (x[5:], y[5:])])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        v = rng.standard_normal(obj.dim)
+        fresh = obj.to_host(obj.hvp(obj.split(v), [(x, y)]))
+        assert common.rel(linearized(v), fresh) < 1e-12
+        assert common.rel(split(v), fresh) < 1e-10
+
+
 def test_torch_and_jax_give_the_same_numbers():
     """Float64, converted weights: eigenvalues, the trace with the same probes, landscapes, sharpness."""
     import torch

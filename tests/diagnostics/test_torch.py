@@ -102,6 +102,22 @@ def test_hvp_methods_agree_on_the_trace():
     assert common.rel(a.samples, b.samples) < 1e-10
 
 
+@pytest.mark.parametrize("hvp", ["auto", "func", "double_backward"])
+def test_every_hvp_path_gives_the_exact_hessian_products(hvp):
+    """Over one batch (what the products reuse built once) and over two (rebuilt per product):
+    each product is H v of the full pass's exact Hessian, product after product."""
+    model, loss_fn, (x, y) = common.torch_problem("conv")
+    hessian = common.torch_exact_hessian(model, loss_fn, (x, y))
+    obj = D._Objective(model, loss_fn, hvp, "eval")
+    rng = np.random.default_rng(0)
+    with obj:
+        for batches in ([(x, y)], [(x[:5], y[:5]), (x[5:], y[5:])]):
+            product = obj.flat_hvp(batches)
+            for _ in range(3):
+                v = rng.standard_normal(obj.dim)
+                assert common.rel(product(v), hessian @ v) < 1e-10
+
+
 class Quadratic(nn.Module):
     r""":math:`L(w) = \tfrac12 (w - c)^\top H (w - c) + g^\top (w - c)` (the batch is ignored)."""
 
