@@ -9,6 +9,8 @@
 #   make test                         # ruff check . and python -m pytest -q
 #   make test PYTEST_ARGS=tests/core  # a part of the tests
 #   make test COV=                    # without the coverage report
+#   make test XDIST=                  # in one process (default: 2 pytest-xdist workers)
+#   make test XDIST="-n 4 --dist loadfile"  # more workers on a bigger machine
 #   make test TORCH=torch==2.5.1      # another torch
 #   make setup | lint | clean
 #   make bench PYTHON=python3.12      # the Python that creates .venv/ (>= 3.10)
@@ -24,6 +26,11 @@ PYTEST_ARGS ?=
 # [tool.coverage.*]; files fully covered are left out of the table): a report only, no
 # threshold, so it never fails the run. `make test COV=` runs without it.
 COV ?= --cov --cov-report=term-missing:skip-covered
+# Two pytest-xdist workers, each test file kept on one worker (its module and session fixtures,
+# such as the distributed runs, are then computed once); each worker runs torch and XLA with
+# one thread (tests/conftest.py). The coverage report combines the workers'. `make test XDIST=`
+# runs everything in one process.
+XDIST ?= -n 2 --dist loadfile
 
 VPY := $(VENV)/bin/python
 # The stamp names what was installed: a change of any of these sets up again.
@@ -41,7 +48,8 @@ help:
 	@echo "             (quick run by default; make bench ARGS=--full for the figures to quote)"
 	@echo "make bench-gpu  the GPU job on one CUDA device: python benchmarks/compare.py --gpu"
 	@echo "make test    set up (first time) and run ruff check . and python -m pytest -q \$$PYTEST_ARGS,"
-	@echo "             with a branch-coverage report of sam_core, sam_torch, sam_jax (COV= for none)"
+	@echo "             with a branch-coverage report of sam_core, sam_torch, sam_jax (COV= for none),"
+	@echo "             on 2 pytest-xdist workers (XDIST= for one process)"
 	@echo "make setup   only the set-up: $(VENV)/ with $(TORCH) and .[$(EXTRAS)]"
 	@echo "make lint    ruff check ."
 	@echo "make clean   remove $(VENV)/ and the caches (runs/ is kept)"
@@ -76,8 +84,8 @@ lint: $(STAMP)
 # pytest exits 5 when it collects no test: a failure here, not a pass.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	@echo "$(VPY) -m pytest -q $(PYTEST_ARGS) $(COV)"; \
-	$(VPY) -m pytest -q $(PYTEST_ARGS) $(COV); rc=$$?; \
+	@echo "$(VPY) -m pytest -q $(PYTEST_ARGS) $(COV) $(XDIST)"; \
+	$(VPY) -m pytest -q $(PYTEST_ARGS) $(COV) $(XDIST); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests: failing" >&2; exit 1; fi; \
 	exit $$rc
 

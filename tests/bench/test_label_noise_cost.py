@@ -43,7 +43,11 @@ def test_wall_time_ratio_is_against_the_same_invocations_sgd():
     assert row["wall_time_ratio"][0] == pytest.approx(2.0)
 
 
-def test_tiny_study_records_passes_and_ratio(tmp_path):
+def test_tiny_study_records_passes_and_ratio(tmp_path, monkeypatch):
+    # The sharpness measures (not asserted here) at a fraction of their cost: --jobs 1 runs
+    # them in this process. tests/bench/test_label_noise_study.py checks what they record.
+    monkeypatch.setattr(study, "MEASURES", {**study.MEASURES, "lanczos_iterations": 3,
+                                            "trace_probes": 2, "ascent_steps": 2, "m": 640})
     out = tmp_path / "ln"
     argv = ["--dataset", "digits", "--optimizers", "sgd,looksam", "--seeds", "0",
             "--backends", "torch", "--set", "epochs=1,limit_train=320,alpha=0.3", "--jobs", "1",

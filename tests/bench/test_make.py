@@ -58,3 +58,15 @@ def test_test_and_bench_run_the_readme_commands_in_the_venv(tmp_path: Path) -> N
     assert ".venv/bin/python benchmarks/compare.py --full" in dry_run(tmp_path, "bench",
                                                                       "ARGS=--full")
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_make_test_runs_on_two_xdist_workers_unless_told_not_to(tmp_path: Path) -> None:
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    plan = dry_run(tmp_path, "test")
+    assert re.search(r"\.venv/bin/python -m pytest -q .* -n 2 --dist loadfile", plan)
+    serial = dry_run(tmp_path, "test", "XDIST=")
+    assert ".venv/bin/python -m pytest -q " in serial and " -n " not in serial
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert any(d.startswith("pytest-xdist") for d in config["project"]["optional-dependencies"]["dev"])

@@ -1,0 +1,27 @@
+"""Settings shared by every test process.
+
+Under pytest-xdist (``make test`` runs ``-n 2``) each worker limits torch and XLA to one
+intra-op thread: the workers already keep the cores busy, and more threads per worker would
+only oversubscribe them. Set here, before any test module imports torch or JAX (the pools
+read the environment when they start); subprocesses the tests start inherit it. A serial run
+(``-n 0`` / ``-p no:xdist``) keeps the libraries' defaults. Tests that change the thread
+count themselves (the examples' ``--threads``) restore it afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _one_thread_per_worker() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    if "torch" in sys.modules:  # imported by a plugin before this file: set it directly
+        sys.modules["torch"].set_num_threads(1)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _one_thread_per_worker()
