@@ -19,7 +19,7 @@ TITLE = "6. SAM family: cost per step"
 #: Targets of the cheap variants, as a ratio to an SGD step.
 TARGETS = {"looksam(k=5)": 1.25, "everyk(k=5)": 1.25, "msam": 1.05}
 #: The JAX rows of the quick run: those with a target, and SGD and SAM to compare them with
-#: (each JAX row compiles two steps, most of the section's time on a CPU).
+#: (each JAX step form compiles once, most of the section's time on a CPU).
 QUICK_JAX = ("sgd", "sam", "looksam(k=5)", "everyk(k=5)", "msam")
 #: Conv-net width, batch, steps per timed block (a multiple of k), timed blocks, JAX rows
 #: (``None``: all, ``()``: none; the smoke run is torch only).
@@ -41,8 +41,9 @@ def run(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": f"6-conv BN net, width {ns.width}, batch {ns.batch}x3x32x32",
         "repeats": ns.repeats,
-        "definition": (f"median over {ns.repeats} interleaved blocks of {ns.steps} steps "
-                       "(a multiple of k, so LookSAM/every-k average full and one-pass steps); "
+        "definition": (f"median over up to {ns.repeats} interleaved blocks of {ns.steps} "
+                       "steps (a multiple of k, so LookSAM/every-k average full and one-pass "
+                       "steps; fewer blocks where the section's time box ended them); "
                        "passes = forward-backward calls per step"),
         "backends": {},
     }
@@ -55,13 +56,12 @@ def run(config: Mapping[str, Any], progress: Any) -> dict[str, Any]:
         out["jax"] = jax_unavailable(config)
     for backend in backends:
         if backend == "torch":
-            n = len(variants_cost.optimizers(ns.k)) * (1 + ns.repeats)
-            bar = progress.tick(n, "torch variants, blocks of steps")
+            bar = progress.tick(1 + ns.repeats, "torch variants, rounds of blocks of steps")
             res = variants_cost.torch_results(ns, on_block=bar.update, quiet=True)
         else:
             rows = variants_cost.JAX_VARIANTS if s["jax"] is None else len(s["jax"])
-            bar = progress.tick(rows * (2 + ns.repeats), "JAX variants, blocks of steps "
-                                "(compiles first)")
+            bar = progress.tick(rows + ns.repeats, "JAX variants: compile each, then "
+                                "rounds of blocks of steps")
             res = variants_cost.jax_results(ns, on_block=bar.update, quiet=True,
                                             names=s["jax"])
             if s["jax"] is not None:

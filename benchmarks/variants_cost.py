@@ -13,10 +13,16 @@ counted as well (the pass count, deterministic, unlike the timings).
 
 The JAX run uses the same network with GroupNorm in place of BatchNorm (no batch
 statistics to thread through); its pass count is the clean pass (none for Momentum-SAM)
-plus the ``grad_fn`` calls, counted with ``jax.debug.callback`` in a separate, untimed run.
+plus the ``grad_fn`` calls, counted as the jitted step is traced (the program that is then
+compiled once and timed: each ``grad_fn`` call in it is one forward-backward pass per
+step); the ``lax.cond`` forms, whose trace holds both branches, are counted at run time
+with ``jax.debug.callback`` on a tiny copy of the network, untimed.
 LookSAM / every-k run twice: with ``full_step`` chosen in Python (two jitted steps, the
 fast form on CPU) and with the default ``lax.cond`` (``,cond``), whose convolutions XLA:CPU
 runs through a slow path.
+
+Within the main job's time box (:func:`benchmarks._timing.time_box`) the timed blocks stop
+once the section's budget is spent, after at least its minimum count.
 
 Timings on a shared machine are noisy: compare ratios from one run only.
 """
@@ -26,14 +32,21 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(_ROOT))
 
-import sam_torch
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import sam_torch  # noqa: E402
+from benchmarks._timing import interleaved_times  # noqa: E402
 
 K_DEFAULT = 5
 #: Rows of the JAX table (``jax_results``): SGD, eight variants and the two ``lax.cond`` forms.
@@ -115,10 +128,11 @@ def jax_results(
     names: tuple[str, ...] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Median seconds per jitted step and passes per step of each optax variant (of those in
-    ``names`` when given; each compiles twice, which dominates a short run on a CPU).
+    ``names`` when given; each step form compiles once, which dominates a short run on a CPU).
 
-    ``on_block`` is called after every block of steps: ``(2 + repeats)`` calls per variant
-    (a counted run and a compiling warm-up, then the timed blocks).
+    ``on_block`` is called once per variant when its step(s) are compiled and warmed up,
+    then once per timed round of every variant: ``len(rows) + repeats`` calls at most (the
+    time box of :mod:`benchmarks._timing` may stop the rounds early).
     """
     tick = on_block or (lambda: None)
     import jax
@@ -127,27 +141,31 @@ def jax_results(
 
     import sam_jax
 
-    width = args.width
+    def make_net(width: int) -> Any:
+        class Net(fnn.Module):
+            @fnn.compact
+            def __call__(self, x: Any) -> Any:
+                for c, stride in (
+                    (width, 1),
+                    (width, 1),
+                    (2 * width, 2),
+                    (2 * width, 1),
+                    (4 * width, 2),
+                    (4 * width, 1),
+                ):
+                    x = fnn.Conv(c, (3, 3), strides=stride, use_bias=False)(x)
+                    x = fnn.relu(fnn.GroupNorm(num_groups=4)(x))
+                return fnn.Dense(10)(x.mean(axis=(1, 2)))
 
-    class Net(fnn.Module):
-        @fnn.compact
-        def __call__(self, x: Any) -> Any:
-            for c, stride in (
-                (width, 1),
-                (width, 1),
-                (2 * width, 2),
-                (2 * width, 1),
-                (4 * width, 2),
-                (4 * width, 1),
-            ):
-                x = fnn.Conv(c, (3, 3), strides=stride, use_bias=False)(x)
-                x = fnn.relu(fnn.GroupNorm(num_groups=4)(x))
-            return fnn.Dense(10)(x.mean(axis=(1, 2)))
+        return Net()
 
-    net = Net()
-    x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, 32, 32, 3))
-    y = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)
-    params = net.init(jax.random.PRNGKey(2), x)["params"]
+    def problem(width: int, batch: int, side: int) -> tuple[Any, Any, Any, Any]:
+        net = make_net(width)
+        x = jax.random.normal(jax.random.PRNGKey(0), (batch, side, side, 3))
+        y = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
+        return net, x, y, net.init(jax.random.PRNGKey(2), x)["params"]
+
+    net, x, y, params = problem(args.width, args.batch, 32)
     n_params = sum(a.size for a in jax.tree.leaves(params))
     if not quiet:
         print(
@@ -158,35 +176,40 @@ def jax_results(
     k = args.k
     looksam_tx = optax.chain(sam_jax.looksam(0.05, k=k), base)
     everyk_tx = optax.chain(sam_jax.every_k_sam(0.05, k=k), base)
-    # name: (transformation, clean pass?, static full_step schedule or None)
+    # name: (transformation, clean pass?, static full_step schedule or None, uses lax.cond?)
     # keep JAX_VARIANTS (the row count a progress bar expects) in step with this table
-    txs: dict[str, tuple[Any, bool | None, Callable[[int], bool] | None]] = {
-        "sgd": (base, False, None),
-        "sam": (optax.chain(sam_jax.sam(0.05), base), True, None),
-        "gsam": (optax.chain(sam_jax.gsam(0.05, alpha=0.2), base), True, None),
-        "wsam": (sam_jax.wsam(0.05, gamma=0.88, base=base, learning_rate=0.05), True, None),
-        "samon": (optax.chain(sam_jax.samon(0.5), base), True, None),
-        "fsam": (optax.chain(sam_jax.friendly_sam(0.05), base), True, None),
-        "vasso": (optax.chain(sam_jax.vasso(0.05), base), True, None),
-        f"looksam(k={k})": (looksam_tx, True, lambda i: i % k == 0),
-        f"everyk(k={k})": (everyk_tx, True, lambda i: (i + 1) % k == 0),
-        f"looksam(k={k},cond)": (looksam_tx, True, None),
-        f"everyk(k={k},cond)": (everyk_tx, True, None),
-        "msam": (optax.chain(sam_jax.momentum_sam(0.3, momentum=0.9), base), None, None),
+    txs: dict[str, tuple[Any, bool | None, Callable[[int], bool] | None, bool]] = {
+        "sgd": (base, False, None, False),
+        "sam": (optax.chain(sam_jax.sam(0.05), base), True, None, False),
+        "gsam": (optax.chain(sam_jax.gsam(0.05, alpha=0.2), base), True, None, False),
+        "wsam": (sam_jax.wsam(0.05, gamma=0.88, base=base, learning_rate=0.05), True, None,
+                 False),
+        "samon": (optax.chain(sam_jax.samon(0.5), base), True, None, False),
+        "fsam": (optax.chain(sam_jax.friendly_sam(0.05), base), True, None, False),
+        "vasso": (optax.chain(sam_jax.vasso(0.05), base), True, None, False),
+        f"looksam(k={k})": (looksam_tx, True, lambda i: i % k == 0, False),
+        f"everyk(k={k})": (everyk_tx, True, lambda i: (i + 1) % k == 0, False),
+        f"looksam(k={k},cond)": (looksam_tx, True, None, True),
+        f"everyk(k={k},cond)": (everyk_tx, True, None, True),
+        "msam": (optax.chain(sam_jax.momentum_sam(0.3, momentum=0.9), base), None, None,
+                 False),
     }
     if names is not None:
         txs = {name: v for name, v in txs.items() if name in names}
 
-    def make_step(tx: Any, mode: bool | None, counter: list[int] | None, full: Any) -> Callable:
+    def make_step(net: Any, x: Any, y: Any, tx: Any, mode: bool | None, full: Any,
+                  traced: list[int], ran: list[int] | None) -> Callable:
+        """The step; ``traced`` counts the ``grad_fn`` calls as it is traced, ``ran`` (when
+        given) as it runs, through ``jax.debug.callback``."""
         def loss_fn(p: Any) -> Any:
-            if counter is not None:
-                jax.debug.callback(lambda: counter.append(1))
+            traced.append(1)
+            if ran is not None:
+                jax.debug.callback(lambda: ran.append(1))
             logits = net.apply({"params": p}, x)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         grad_fn = jax.grad(loss_fn)
 
-        @jax.jit
         def step(p: Any, state: Any) -> Any:
             grads = None if mode is None else grad_fn(p)  # MSAM needs no clean gradient
             extra = {} if mode is False else {"grad_fn": grad_fn}
@@ -197,42 +220,59 @@ def jax_results(
 
         return step
 
+    def counted_at_run_time(tx: Any, mode: bool | None) -> float:
+        """Passes per step of a ``lax.cond`` form, run ``steps`` steps on a tiny network."""
+        tnet, tx_, ty, tparams = problem(4, 2, 8)
+        ran: list[int] = []
+        step = jax.jit(make_step(tnet, tx_, ty, tx, mode, None, [], ran))
+        p, state = tparams, tx.init(tparams)
+        for _ in range(args.steps):
+            p, state = step(p, state)
+        jax.block_until_ready(p)
+        jax.effects_barrier()
+        return len(ran) / args.steps
+
     class Runner:
-        """A variant's jitted step(s), its parameters and state, and a Python step count."""
+        """A variant's step(s), each traced and compiled once, its parameters and state, and
+        a Python step count."""
 
-        def __init__(self, tx: Any, mode: bool | None, schedule: Any, counter: Any) -> None:
+        def __init__(self, tx: Any, mode: bool | None, schedule: Any) -> None:
             fulls = (None,) if schedule is None else (True, False)
-            self.steps = {f: make_step(tx, mode, counter, f) for f in fulls}
+            state = tx.init(params)
+            self.steps, self.passes = {}, {}
+            for f in fulls:
+                traced: list[int] = []
+                lowered = jax.jit(make_step(net, x, y, tx, mode, f, traced, None)).lower(
+                    params, state)
+                self.passes[f] = len(traced)  # grad_fn calls in the program that runs
+                self.steps[f] = lowered.compile()
             self.schedule = schedule
-            self.p, self.state, self.i = params, tx.init(params), 0
+            self.p, self.state, self.i, self.total = params, state, 0, 0
 
-        def block(self, n: int) -> float:
-            start = time.perf_counter()
+        def block(self, n: int) -> Any:
             p, state = self.p, self.state
             for _ in range(n):
                 full = None if self.schedule is None else self.schedule(self.i)
                 p, state = self.steps[full](p, state)
+                self.total += self.passes[full]
                 self.i += 1
-            jax.block_until_ready(p)
             self.p, self.state = p, state
-            return (time.perf_counter() - start) / n
+            return p
 
     runners, passes = {}, {}
-    for name, (tx, mode, schedule) in txs.items():
-        counter: list[int] = []
-        Runner(tx, mode, schedule, counter).block(args.steps)  # counted, untimed
-        jax.effects_barrier()
-        passes[name] = len(counter) / args.steps
+    for name, (tx, mode, schedule, cond) in txs.items():
+        r = runners[name] = Runner(tx, mode, schedule)
+        jax.block_until_ready(r.block(args.steps))  # warm-up
+        passes[name] = (counted_at_run_time(tx, mode) if cond
+                        else r.total / args.steps)  # the schedule's average over k steps
         tick()
-        runners[name] = Runner(tx, mode, schedule, None)
-        runners[name].block(args.steps)  # compile and warm up
-        tick()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.repeats):  # interleaved, so that machine load drifts hit all alike
-        for name, r in runners.items():
-            times[name].append(r.block(args.steps))
-            tick()
-    return {name: (statistics.median(times[name]), passes[name]) for name in runners}
+    # interleaved, so that machine load drifts hit all alike
+    times = interleaved_times({name: lambda r=r: r.block(args.steps)
+                               for name, r in runners.items()},
+                              repeats=args.repeats, warmup=0, sync=jax.block_until_ready,
+                              on_round=tick)
+    return {name: (statistics.median(times[name]) / args.steps, passes[name])
+            for name in runners}
 
 
 def main() -> None:
@@ -262,8 +302,9 @@ def torch_results(
     """Median seconds per step and closure calls per step of each torch optimizer.
 
     ``args`` needs ``width``, ``batch``, ``k``, ``steps``, ``repeats`` and ``threads``;
-    ``on_block`` is called after every block of steps: ``len(optimizers(k)) * (1 + repeats)``
-    calls (a warm-up block per optimizer, then the timed blocks).
+    ``on_block`` is called after every round of blocks (one block of ``steps`` steps per
+    optimizer): ``1 + repeats`` calls at most (a warm-up round, then the timed rounds, which
+    the time box of :mod:`benchmarks._timing` may stop early).
     """
     tick = on_block or (lambda: None)
     torch.manual_seed(0)
@@ -279,17 +320,14 @@ def torch_results(
         )
     rows = optimizers(args.k) if table is None else table  # `table`: other rows, same timing
     runners = {name: Runner(model, make, x, y) for name, make in rows.items()}
-    for runner in runners.values():  # warm-up: allocations, buffers, momentum
-        runner.block(args.steps)
-        runner.calls = 0
-        tick()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.repeats):  # interleaved, so that machine load drifts hit all alike
-        for name, runner in runners.items():
-            times[name].append(runner.block(args.steps))
-            tick()
-    return {
-        name: (statistics.median(times[name]), r.calls / (args.steps * args.repeats))
+    # A warm-up round (allocations, buffers, momentum), then rounds interleaved, so that
+    # machine load drifts hit all alike; the time box may stop them early.
+    times = interleaved_times({name: lambda r=r: r.block(args.steps)
+                               for name, r in runners.items()},
+                              repeats=args.repeats, warmup=1, on_round=tick)
+    return {  # calls counted over every block, the warm-up's included
+        name: (statistics.median(times[name]) / args.steps,
+               r.calls / (args.steps * (1 + len(times[name]))))
         for name, r in runners.items()
     }
 
