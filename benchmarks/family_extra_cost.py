@@ -25,9 +25,9 @@ reported (:func:`benchmarks._timing.interleaved_times`). Each step is the traini
 Passes per step are counted, not assumed: every loss evaluation is recorded as a
 forward-backward or a forward without gradient, weighted by its share of the batch (ESAM's
 perturbed backward on ``k = floor(gamma B)`` examples counts ``k / B``). Torch counts through
-the closure over the timed blocks; JAX through ``jax.debug.callback`` in a separate, untimed
-block of an instrumented copy of the step (AE-SAM: ``1 + state.sam_count / state.count``
-over the timed blocks, its decisions being data dependent).
+the closure over the timed blocks; JAX while the step is traced (each loss evaluation of
+one step, in the one compiled program that is then timed; AE-SAM: ``1 + state.sam_count /
+state.count`` over the timed blocks, its decisions being data dependent).
 
 The output is a markdown table. Timings on a shared machine are noisy: compare ratios from
 one run only.
@@ -225,16 +225,18 @@ def jax_forms(args: argparse.Namespace) -> dict[str, JaxForm]:
     return forms  # MESA / SAF: add their JaxForms here (see EXTRA_ROWS)
 
 
-def jax_network(width: int) -> Any:
-    """variants_cost's JAX network (GroupNorm conv net); defined here because
+def jax_network(width: int, layers: int = 6) -> Any:
+    """variants_cost's JAX network (GroupNorm conv net; its first ``layers`` convolutions:
+    fewer only for the tests, whose compile time they set); defined here because
     :func:`benchmarks.variants_cost.jax_results` keeps it local."""
     from flax import linen as fnn
+
+    spec = ((width, 1), (width, 1), (2 * width, 2), (2 * width, 1), (4 * width, 2), (4 * width, 1))
 
     class Net(fnn.Module):
         @fnn.compact
         def __call__(self, x: Any) -> Any:
-            for c, stride in ((width, 1), (width, 1), (2 * width, 2), (2 * width, 1),
-                              (4 * width, 2), (4 * width, 1)):
+            for c, stride in spec[:layers]:
                 x = fnn.Conv(c, (3, 3), strides=stride, use_bias=False)(x)
                 x = fnn.relu(fnn.GroupNorm(num_groups=4)(x))
             return fnn.Dense(10)(x.mean(axis=(1, 2)))
@@ -250,7 +252,7 @@ def jax_results(
     import jax
     import optax
 
-    net = jax_network(args.width)
+    net = jax_network(args.width, getattr(args, "layers", 6))
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.size, args.size, 3))
     y = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)
     params = net.init(jax.random.PRNGKey(2), x)["params"]
@@ -258,8 +260,10 @@ def jax_results(
 
     def make_step(form: JaxForm, counter: list[tuple[bool, float]] | None) -> Callable:
         def count(grad: bool, n: int) -> None:
-            if counter is not None:  # n is static: the shape of the traced batch
-                jax.debug.callback(lambda: counter.append((grad, n / args.batch)))
+            # at trace time (n is static: the traced batch's size): one step's loss
+            # evaluations, counted once per compiled program, not per call
+            if counter is not None:
+                counter.append((grad, n / args.batch))
 
         def per_example(p: Any, index: Any = None, grad: bool = True) -> Any:
             xb, yb = (x, y) if index is None else (x[index], y[index])
@@ -313,14 +317,11 @@ def jax_results(
     runners: dict[str, Runner] = {}
     for name, form in forms.items():
         counter: list[tuple[bool, float]] = []
-        Runner(form, counter).block(args.steps)  # counted, untimed
-        jax.effects_barrier()
-        passes[name] = (
-            sum(s for g, s in counter if g) / args.steps,
-            sum(s for g, s in counter if not g) / args.steps,
-        )
-        runners[name] = Runner(form)
-        runners[name].block(args.steps)  # compile and warm up
+        runners[name] = Runner(form, counter)
+        runners[name].block(1)  # traced and compiled once: the counter holds one step's
+        first = list(counter)   # evaluations (a later retrace would add to it)
+        passes[name] = (sum(s for g, s in first if g), sum(s for g, s in first if not g))
+        runners[name].block(args.steps)  # warm up
     sam_counts = {name: _sam_count(r.state) for name, r in runners.items()}
     times = interleaved_times(
         {name: (lambda r=r: r.block(args.steps)) for name, r in runners.items()},
