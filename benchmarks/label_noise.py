@@ -111,12 +111,13 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # table): SAM 0.2 and m-SAM 0.2 (0.1 leaves a quarter / a tenth of the noise
         # memorized, 0.3 is unstable across seeds, 0.4 does not train).
         "rho": {"sam": 0.2, "sam/m": 0.2, "asam": 1.0, "everyk": 0.2, "looksam": 0.1,
-                "msam": 0.3, "bsam": 0.05, "aesam": 0.2, "esam": 0.2, "gsam": 0.2},
+                "msam": 0.3, "bsam": 0.05, "aesam": 0.2, "esam": 0.05, "gsam": 0.2},
         # GSAM (alpha 0.2, its default): the best of its sweep with the ramp, 0.1 / 0.2 / 0.3
         # (0.3 sends a seed to the constant predictor).
         # BSAM: rho 0.05 (its default), not swept; no ramp (NO_RHO_RAMP).
-        # AE-SAM and ESAM: SAM's rho, with the ramp, not swept yet (AE-SAM's SAM steps are
-        # SAM's; ESAM perturbs with rho / beta over the tensors its mask keeps).
+        # AE-SAM: SAM's rho, with the ramp, not swept yet (its SAM steps are SAM's).
+        # ESAM (beta = gamma = 0.5): the best of its sweep, 0.05 / 0.1 / 0.2 with the ramp
+        # (0.1 and 0.2 end at the constant predictor; it perturbs with rho / beta).
         # A form's own knobs in the grid (--k / --alpha): LookSAM's alpha from its sweep at
         # rho 0.1 (the paper's 0.7 stays near the constant predictor here, docs/variants.md)
         "form_options": {"looksam": {"alpha": 0.3}},
@@ -133,6 +134,7 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
             "sam/m16": (0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
             "asam": (0.5, 1.0, 1.5, 2.0),
             "gsam": (0.1, 0.2, 0.3),
+            "esam": (0.05, 0.1, 0.2),
         },
     },
     "cifar10": {
