@@ -66,3 +66,23 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
     write_cifar(root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The training loops' ``threads`` setting is process-wide: put it back after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_jax_steps():
+    """The JAX loop's compiled-step cache cleared before and after the test."""
+    from examples import train_jax
+
+    train_jax.make_steps.cache_clear()
+    yield
+    train_jax.make_steps.cache_clear()

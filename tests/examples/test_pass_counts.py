@@ -32,12 +32,6 @@ def _config(optimizer, **extra):
     )
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("optimizer", sorted(EXPECTED))
 def test_torch_loop_runs_and_records_the_form_s_passes(optimizer, monkeypatch):

@@ -34,12 +34,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()  # the scripts' --threads sets it process-wide
-    yield
-    torch.set_num_threads(threads)
-
 
 def _run(module, cifar_dir: Path, out: Path, optimizer: str, *extra: str) -> dict:
     return module.main(

@@ -42,18 +42,6 @@ def _config(optimizer, **extra):
     return make_config(**{**values, **EARLY.get(optimizer, {}), **extra})
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fresh_jax_steps():
-    train_jax.make_steps.cache_clear()
-    yield
-    train_jax.make_steps.cache_clear()
 
 
 def test_registered_with_the_library_defaults_and_no_rho():
