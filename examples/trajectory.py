@@ -61,15 +61,6 @@ def indexed_batches(
         yield x, y, order[i * batch_size : i * batch_size + len(y)]
 
 
-def _torch_sgd_kwargs(args: Any) -> dict[str, Any]:
-    return {
-        "lr": args.lr,
-        "momentum": args.momentum,
-        "weight_decay": args.weight_decay,
-        "nesterov": bool(getattr(args, "nesterov", False)),
-    }
-
-
 def _form_kwargs(name: str, args: Any) -> dict[str, Any]:
     """The form's own hyperparameters from ``args`` where it has them (``saf_lmbda``,
     ``trajectory_temperature``, ...), else the library's defaults."""
@@ -88,12 +79,13 @@ def make_torch_trajectory(name: str, model: Any, args: Any, num_examples: int) -
     import torch
 
     import sam_torch
+    from examples.optimizers import _sgd_kwargs  # not at the top: optimizers imports this module
 
     if name == "saf":
         return sam_torch.SAF(model.parameters(), torch.optim.SGD, num_examples=num_examples,
-                             **_form_kwargs(name, args), **_torch_sgd_kwargs(args))
+                             **_form_kwargs(name, args), **_sgd_kwargs(args))
     if name == "mesa":
-        return sam_torch.MESA(model, torch.optim.SGD, **_form_kwargs(name, args), **_torch_sgd_kwargs(args))
+        return sam_torch.MESA(model, torch.optim.SGD, **_form_kwargs(name, args), **_sgd_kwargs(args))
     raise ValueError(f"name must be one of {TRAJECTORY_FORMS}, got {name!r}")
 
 
