@@ -36,6 +36,7 @@ of ``perturb_impl="compiled"``.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -167,14 +168,20 @@ def entry_point(
                 close_step(sam, completed=False)
             return out
 
-        eager = torch.compiler.disable(wrapper)
-
         # torch.compile(f) compiles what a disabled f wraps (it unwraps disable's marker), so
         # the disabled call sits one plain frame down: compiling this frame breaks the graph
-        # at the call and runs it eagerly.
+        # at the call and runs it eagerly. torch.compiler.disable imports torch._dynamo
+        # (about 2 s), so it is made on the first call (or now, if dynamo is loaded already):
+        # ``import sam_torch`` does not pay for a compiler it may never use.
+        eager: list[Callable[..., Any]] = []
+        if "torch._dynamo" in sys.modules:
+            eager.append(torch.compiler.disable(wrapper))
+
         @functools.wraps(fn)
         def entry(*args: Any, **kwargs: Any) -> Any:
-            return eager(*args, **kwargs)
+            if not eager:
+                eager.append(torch.compiler.disable(wrapper))
+            return eager[0](*args, **kwargs)
 
         entry._sam_entry_point = kind  # type: ignore[attr-defined]
         return entry  # type: ignore[return-value]

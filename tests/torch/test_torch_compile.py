@@ -243,3 +243,63 @@ def test_entry_points_keep_their_signatures_and_docstrings():
         "self", "zero_grad", "loss"
     ]
     assert "m-sharpness" in (sam_torch.m_sharpness_step.__doc__ or "")
+
+
+_FRESH_PROCESS = """
+import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sam_torch
+
+# the entry points' graph breaks are made on first use: importing costs no compiler
+assert "torch._dynamo" not in sys.modules, "import sam_torch loaded torch._dynamo"
+
+
+def run(backend, cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    calls = []
+    opt.register_step_post_hook(lambda o, a, k: calls.append(1))
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 10, generator=gen, dtype=torch.float64),
+             torch.randn(8, 2, generator=gen, dtype=torch.float64)) for _ in range(3)]
+
+    def train_step(x, y):
+        F.mse_loss(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.mse_loss(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    step = train_step if backend is None else torch.compile(train_step, backend=backend)
+    for x, y in data:
+        step(x, y)
+    assert len(calls) == len(data) and not opt.is_perturbed
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# the first call of each entry point ever made is a compiled one: still eager's weights
+for cls in (sam_torch.SAM, sam_torch.GSAM):
+    compiled, eager = run("aot_eager", cls), run(None, cls)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True)), cls.__name__
+print("ok")
+"""
+
+
+def test_import_loads_no_compiler_and_a_first_call_under_compile_runs_eagerly():
+    """``torch.compiler.disable`` imports ``torch._dynamo`` (seconds): the entry points make
+    their graph breaks on first use. In a fresh process whose very first SAM calls are inside
+    ``torch.compile``, the weights still equal eager's and the step hooks fire once a step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
