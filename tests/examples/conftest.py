@@ -86,3 +86,25 @@ def fresh_jax_steps():
     train_jax.make_steps.cache_clear()
     yield
     train_jax.make_steps.cache_clear()
+
+
+def count_jax_forward_passes(patch: pytest.MonkeyPatch, batch_size: int) -> list[int]:
+    """Count the forward passes the JAX loop's compiled steps run over training batches:
+    ``train_jax.smoothed_cross_entropy`` is patched (through ``patch``, a ``monkeypatch`` or
+    its ``context()``) to fire a debug callback each time a compiled program evaluates it on
+    a batch of ``batch_size`` rows (the evaluation's batches differ in size). Returns the
+    list the callbacks append to; call ``jax.effects_barrier()`` before reading it."""
+    import jax
+
+    from examples import train_jax
+
+    calls: list[int] = []
+    loss = train_jax.smoothed_cross_entropy
+
+    def counted(logits, labels, smoothing):  # type: ignore[no-untyped-def]
+        if logits.shape[0] == batch_size:
+            jax.debug.callback(lambda: calls.append(1))
+        return loss(logits, labels, smoothing)
+
+    patch.setattr(train_jax, "smoothed_cross_entropy", counted)
+    return calls

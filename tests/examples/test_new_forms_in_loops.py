@@ -18,6 +18,7 @@ from examples import optimizers, train_jax, train_torch
 from examples.calibration import expected_calibration_error
 from examples.cli import RHO_WARMUP_OPTIMIZERS, make_config
 from examples.data import batches, load_training_data
+from tests.examples.conftest import count_jax_forward_passes
 
 BATCH, N_TRAIN, STEPS = 32, 6 * 32, 6
 K = 16  # ESAM's selected examples of a batch of 32 (gamma 0.5)
@@ -88,17 +89,9 @@ def test_jax_aesam_pays_one_pass_on_its_plain_steps_as_its_own_lax_cond_decides(
     steps only, and give the weights of sam_jax.ae_sam's own lax.cond in one jitted step."""
     import dataclasses
 
-    calls = []
-    loss = train_jax.smoothed_cross_entropy
-
-    def counted(logits, labels, smoothing):
-        if logits.shape[0] == AE["batch_size"]:
-            jax.debug.callback(lambda: calls.append(1))
-        return loss(logits, labels, smoothing)
-
     config = _config("aesam", label_noise=0.4, **AE)
     with monkeypatch.context() as patch:
-        patch.setattr(train_jax, "smoothed_cross_entropy", counted)
+        calls = count_jax_forward_passes(patch, AE["batch_size"])
         host, host_state = train_jax.train_model(config)
         jax.effects_barrier()
     sam_steps = int(train_jax._first_state(host_state.opt_state).sam_count)
@@ -179,15 +172,7 @@ def test_torch_bsam_records_its_two_passes(monkeypatch):
 
 
 def test_jax_bsam_trains_and_calibrates_with_its_predictive(monkeypatch, fresh_jax_steps):
-    calls = []
-    loss = train_jax.smoothed_cross_entropy
-
-    def counted(logits, labels, smoothing):
-        if logits.shape[0] == BATCH:
-            jax.debug.callback(lambda: calls.append(1))
-        return loss(logits, labels, smoothing)
-
-    monkeypatch.setattr(train_jax, "smoothed_cross_entropy", counted)
+    calls = count_jax_forward_passes(monkeypatch, BATCH)
     config = _config("bsam", seed=3)
     (epoch,), state = train_jax.train_model(config)
     jax.effects_barrier()

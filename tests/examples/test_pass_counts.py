@@ -13,6 +13,7 @@ import torch
 
 from examples import train_jax, train_torch
 from examples.cli import make_config
+from tests.examples.conftest import count_jax_forward_passes
 
 BATCH, N_TRAIN = 32, 6 * 32  # six steps per epoch: LookSAM's full steps at 0 and 5
 EXPECTED = {  # passes over the six steps of the epoch
@@ -63,15 +64,7 @@ def test_jax_loop_runs_and_records_the_form_s_passes(optimizer, monkeypatch):
     # The loss is evaluated once per forward pass of the compiled step (a debug callback
     # runs each time the compiled program evaluates it); the evaluation's batches have 50
     # examples, the training's 32.
-    calls = []
-    loss = train_jax.smoothed_cross_entropy
-
-    def counted(logits, labels, smoothing):
-        if logits.shape[0] == BATCH:
-            jax.debug.callback(lambda: calls.append(1))
-        return loss(logits, labels, smoothing)
-
-    monkeypatch.setattr(train_jax, "smoothed_cross_entropy", counted)
+    calls = count_jax_forward_passes(monkeypatch, BATCH)
     train_jax.make_steps.cache_clear()
     try:
         (epoch,) = train_jax.train(_config(optimizer))
