@@ -159,9 +159,13 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         # regularizes), ASAM 1.0 (0.5 memorizes all of them). No rho ramp: rho 0.2 trains
         # from the first step here, and a 5-epoch ramp made SAM worse (less regularization
         # early; the sweep table's warm-up row).
-        # AE-SAM and ESAM: SAM's rho, not swept yet; BSAM: its default 0.05, not swept.
-        "rho": {"sam": 0.2, "sam/m": 0.1, "asam": 1.0, "aesam": 0.2, "esam": 0.2,
-                "bsam": 0.05},
+        # Not swept on this dataset (each run costs 3-6 min on one CPU thread): LookSAM,
+        # every-k, Momentum-SAM, GSAM and AE-SAM take SAM's rho 0.2; ESAM half of it, as it
+        # perturbs with rho / beta (beta 0.5); LookSAM its alpha from the digits' sweep;
+        # BSAM its default 0.05.
+        "rho": {"sam": 0.2, "sam/m": 0.1, "asam": 1.0, "aesam": 0.2, "esam": 0.1,
+                "bsam": 0.05, "looksam": 0.2, "everyk": 0.2, "msam": 0.2, "gsam": 0.2},
+        "form_options": {"looksam": {"alpha": 0.3}},
         "sweep": {"sam": (0.1, 0.2), "sam/m16": (0.05, 0.1, 0.2), "asam": (0.5, 1.0)},
     },
 }
@@ -527,6 +531,11 @@ MEASURES: dict[str, Any] = {
     "lanczos_iterations": 20, "trace_probes": 10, "rho": 0.5, "m": 128, "ascent_steps": 20,
     "landscape_steps": 11, "landscape_span": 1.0, "seed": 0,
 }
+#: How many of the clean training examples the measures use, per dataset (the first ones of
+#: the run's training subset; all of them where a dataset is not named). On the CIFAR-10
+#: subset (WRN-16-1, one CPU thread) the measures over all 1024 images took 375-394 s, twice
+#: the 175-184 s of SGD's whole training; over the first 256 they cost about a quarter of it.
+MEASURE_EXAMPLES: dict[str, int] = {"cifar10": 256}
 #: The record keys :func:`sharpness_measures` adds to a run.
 MEASURE_KEYS = ("lambda_max", "hessian_trace", "worst_sharpness")
 
@@ -538,8 +547,9 @@ def sharpness_measures(backend: str, trained: Any, config: Any) -> dict[str, Any
     from examples.data import batches, load_training_data, to_nchw
 
     data = load_training_data(config)
-    clean = type(data.train)(data.train.images, data.clean_labels)
-    m = dict(MEASURES)
+    n = min(MEASURE_EXAMPLES.get(config.dataset, len(data.clean_labels)), len(data.clean_labels))
+    clean = type(data.train)(data.train.images[:n], data.clean_labels[:n])
+    m = {**MEASURES, "examples": n}
     seed = m["seed"]
     t0 = time.perf_counter()
     if backend == "torch":
@@ -603,10 +613,13 @@ def sharpness_lines(runs: list[dict[str, Any]]) -> list[str]:
         return f"{mean:{fmt}} ± {sd:{fmt}}"
 
     m = MEASURES
+    subsets = "; ".join(f"{d}: its first {n} images" for d, n in sorted(MEASURE_EXAMPLES.items()))
+    subsets = f" ({subsets}, `measures.examples` in each record)" if subsets else ""
     lines = [
         "## Sharpness of the final models",
         "",
-        f"On the clean training set, eval mode, plain cross-entropy: `lambda_max` (Lanczos, "
+        f"On the clean training set{subsets}, eval mode, plain cross-entropy: `lambda_max` "
+        "(Lanczos, "
         f"{m['lanczos_iterations']} iterations), `hessian_trace` (Hutchinson, "
         f"{m['trace_probes']} Rademacher probes), `worst_sharpness` (worst-case adaptive "
         f"m-sharpness, rho {m['rho']}, m {m['m']}, {m['ascent_steps']} ascent steps; "
@@ -628,6 +641,16 @@ def sharpness_lines(runs: list[dict[str, Any]]) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+def _save_figure(fig: Any, out: Path, name: str) -> str:
+    """Lay out, write ``out/name`` (110 dpi) and close ``fig``; returns ``name``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def plot_landscapes(runs: list[dict[str, Any]], out: Path) -> list[str]:
@@ -657,11 +680,7 @@ def plot_landscapes(runs: list[dict[str, Any]], out: Path) -> list[str]:
             curves[f"{label} ({len(rs)} seeds)"] = Landscape((alphas,), loss, float(loss[len(loss) // 2]))
         fig, ax = plt.subplots(figsize=(6, 4))
         plot_landscape(curves, ax, title=f"{dataset}: clean training loss along a filter-normalized direction")
-        name = f"landscape-{dataset}.png"
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        names.append(name)
+        names.append(_save_figure(fig, out, f"landscape-{dataset}.png"))
     return names
 
 
@@ -1026,11 +1045,7 @@ def plot_pareto(rows: list[dict[str, Any]], out: Path) -> list[str]:
             ax.set_ylabel("final test accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        name = f"pareto-{dataset}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save_figure(fig, out, f"pareto-{dataset}.png"))
     return written
 
 
@@ -1084,11 +1099,7 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[str]:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        name = f"curves-{dataset}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save_figure(fig, out, f"curves-{dataset}.png"))
     return written
 
 
@@ -1333,7 +1344,10 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     plan = plan_runs(settings, optimizers, _ints(args.seeds), backends, overrides=overrides,
                      sweep=args.sweep_rho, noise_levels=noise)
     done = {run_key(r) for r in results["runs"]}
-    todo = [s for s in plan if args.replace or s.key() not in done]
+    # Seed by seed (every form's seed 0, then seed 1, ...): SGD's runs, the baseline of every
+    # wall_time_ratio, then spread over the invocation and share the machine's state (other
+    # load, its clock) with the runs they are the baseline of, instead of all running first.
+    todo = sorted((s for s in plan if args.replace or s.key() not in done), key=lambda s: s.seed)
     log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {path.name}, "
         f"{len(todo)} to run, {args.jobs} at a time")
     invocation = {
@@ -1353,7 +1367,10 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         recorded.append(run)
         invocation["runs_done"] += 1
         invocation["wall_min"] = round((time.perf_counter() - started) / 60, 2)
-        results = update_results(path, [run], invocation)
+        # the ratios so far, against this invocation's SGD runs so far: an interrupted
+        # invocation keeps the ratios of what it ran
+        wall_time_ratios(recorded)
+        results = update_results(path, recorded, invocation)
         log(f"[{invocation['runs_done']}/{len(todo)}] {run['dataset']} {run['backend']} "
             f"{_label(run)} rho {_rho_text(run)} seed {run['seed']}: final "
             f"{100 * run['final_test_acc']:.1f} best {100 * run['best_test_acc']:.1f} "

@@ -76,3 +76,32 @@ def test_grid_takes_a_forms_knobs_from_the_dataset_settings():
     grid = _run(optimizer="looksam", rho=rho, form_options={"alpha": grid_alpha})
     assert study.in_grid(grid)
     assert not study.in_grid(_run(optimizer="looksam", rho=rho))  # the paper's alpha: a sweep run
+
+
+def test_runs_go_seed_by_seed_and_each_recorded_run_gets_its_ratio_at_once(tmp_path, monkeypatch):
+    """SGD, every ratio's baseline, runs spread over the invocation (every form's seed 0, then
+    seed 1, ...), and results.json carries the ratios of what has run after every run, so an
+    invocation stopped half-way keeps them."""
+    out = tmp_path / "ln"
+    seen: list[tuple[str, int, dict]] = []
+    times = {"sgd": 10.0, "sam": 25.0, "looksam": 12.0}
+
+    def fake_execute(spec, threads=1, *, measure=True):
+        on_disk = study.load_results(out / "results.json")["runs"]
+        seen.append((spec.optimizer.name, spec.seed,
+                     {(r["optimizer"], r["seed"]): r.get("wall_time_ratio") for r in on_disk}))
+        return _run(optimizer=spec.optimizer.name, seed=spec.seed, rho=spec.rho,
+                    train_time_s=times[spec.optimizer.name] + spec.seed, wall_s=1.0,
+                    form_options={}, epochs=40)
+
+    monkeypatch.setattr(study, "execute", fake_execute)
+    monkeypatch.setattr(study, "write_report", lambda results, out: None)
+    study.main(["--dataset", "digits", "--optimizers", "sgd,sam,looksam", "--seeds", "0,1",
+                "--backends", "torch", "--jobs", "1", "--out", str(out)], log=lambda _: None)
+    assert [(name, seed) for name, seed, _ in seen] == [
+        ("sgd", 0), ("sam", 0), ("looksam", 0), ("sgd", 1), ("sam", 1), ("looksam", 1)]
+    # before SGD's seed 1 ran, seed 0's runs were on disk with ratios to SGD's seed 0
+    assert seen[3][2] == {("sgd", 0): 1.0, ("sam", 0): 2.5, ("looksam", 0): 1.2}
+    final = {(r["optimizer"], r["seed"]): r["wall_time_ratio"]
+             for r in study.load_results(out / "results.json")["runs"]}
+    assert final[("sam", 1)] == pytest.approx(26.0 / 10.5, abs=1e-3)  # against both SGD runs

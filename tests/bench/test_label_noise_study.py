@@ -115,7 +115,9 @@ def test_summary_is_mean_and_sample_std_over_seeds():
 def test_tiny_study_writes_results_report_and_merges(tmp_path, monkeypatch):
     # The sharpness measures at a fraction of their cost (--jobs 1 runs in this process).
     monkeypatch.setattr(study, "MEASURES", {**study.MEASURES, "lanczos_iterations": 3,
-                                            "trace_probes": 2, "ascent_steps": 2, "m": 640})
+                                            "trace_probes": 2, "ascent_steps": 2, "m": 100})
+    # ... on the first 200 of the 1,280 training images (CIFAR-10's runs use their first 256)
+    monkeypatch.setattr(study, "MEASURE_EXAMPLES", {"digits": 200})
     out = tmp_path / "ln"
     argv = ["--dataset", "digits", "--optimizers", "sgd,sam", "--seeds", "0",
             "--backends", "torch", "--set", "epochs=1", "--jobs", "1", "--out", str(out)]
@@ -146,6 +148,7 @@ def test_tiny_study_writes_results_report_and_merges(tmp_path, monkeypatch):
         assert all(isinstance(r[k], float) for k in study.MEASURE_KEYS)
         assert len(r["landscape"]["alphas"]) == len(r["landscape"]["loss"]) == 11
         assert abs(r["landscape"]["loss"][5] - r["clean_train_loss"]) < 1e-4
+        assert r["measures"]["examples"] == 200 and r["measures"]["m"] == 100
     assert "## Sharpness of the final models" in report
     assert "| digits | 40 % | torch | SAM | 1 |" in report
     # A second invocation skips what is there; --replace reruns it.
