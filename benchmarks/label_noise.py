@@ -467,9 +467,9 @@ def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> 
         # (WRN-16-1) to 5x (digits CNN) faster than the lax.scan form "auto" picks on CPU.
         values.setdefault("m_sharpness_impl", JAX_M_IMPL)
     config = make_config(**values)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     history, trained = trainer.train_model(config)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     final = history[-1]
     c = dict(spec.config)
     steps = sum(h["passes"] / h["passes_per_step"] for h in history)
@@ -500,6 +500,9 @@ def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> 
         # the process's start-up (imports, data loading), which the first run of a worker
         # pays alone
         "train_time_s": round(sum(h["epoch_time_s"] for h in history), 2),
+        # the CPU time the process spent in training (its data loading included): with one
+        # thread per run, what the run costs whatever else shares the machine
+        "train_cpu_s": round(cpu, 2),
         # forward-backward passes over a batch per optimizer step, counted by the loop
         "passes_per_step": round(sum(h["passes"] for h in history) / steps, 4),
         # forwards over a batch without backward per step (not in passes_per_step): ESAM's
@@ -511,6 +514,9 @@ def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> 
         # train_time_s / the mean train_time_s of SGD's runs of the same invocation (same
         # dataset, backend, noise, epochs, data), set when the invocation ends (else None)
         "wall_time_ratio": None,
+        # train_cpu_s / the mean train_cpu_s of the same SGD runs (a check on the wall time's
+        # ratio that a changing load on the machine does not move)
+        "cpu_time_ratio": None,
         "form_options": form_options(spec.optimizer.name, c),
         "settings": {k: v for k, v in c.items() if k != "data_dir"},
         **measures,
@@ -743,19 +749,21 @@ def _label(run: dict[str, Any]) -> str:
 def wall_time_ratios(runs: list[dict[str, Any]]) -> None:
     """Set each run's ``wall_time_ratio``: its ``train_time_s`` over the mean ``train_time_s``
     of the SGD runs among ``runs`` (one invocation's) with the same dataset, backend, noise,
-    epochs and training-set size; left as it is where there is no such SGD run."""
+    epochs and training-set size, and ``cpu_time_ratio`` the same of ``train_cpu_s``; left as
+    they are where there is no such SGD run."""
 
     def where(r: dict[str, Any]) -> tuple[Any, ...]:
         return (r["dataset"], r["backend"], r["label_noise"], r["epochs"], r.get("n_train"))
 
-    sgd: dict[tuple[Any, ...], list[float]] = {}
-    for r in runs:
-        if r["optimizer"] == "sgd" and r.get("train_time_s"):
-            sgd.setdefault(where(r), []).append(r["train_time_s"])
-    for r in runs:
-        base = sgd.get(where(r))
-        if base and r.get("train_time_s"):
-            r["wall_time_ratio"] = round(r["train_time_s"] / statistics.fmean(base), 3)
+    for field, ratio in (("train_time_s", "wall_time_ratio"), ("train_cpu_s", "cpu_time_ratio")):
+        sgd: dict[tuple[Any, ...], list[float]] = {}
+        for r in runs:
+            if r["optimizer"] == "sgd" and r.get(field):
+                sgd.setdefault(where(r), []).append(r[field])
+        for r in runs:
+            base = sgd.get(where(r))
+            if base and r.get(field):
+                r[ratio] = round(r[field] / statistics.fmean(base), 3)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -839,8 +847,9 @@ def summarize(runs: list[dict[str, Any]], kind: str = "grid") -> list[dict[str, 
         row["form_options"] = dict(row["form_options"])
         passes = [r["passes_per_step"] for r in rs if r.get("passes_per_step") is not None]
         row["passes_per_step"] = statistics.fmean(passes) if passes else None
-        ratios = [r["wall_time_ratio"] for r in rs if r.get("wall_time_ratio") is not None]
-        row["wall_time_ratio"] = _mean_std(ratios) if ratios else None
+        for key in ("wall_time_ratio", "cpu_time_ratio"):
+            ratios = [r[key] for r in rs if r.get(key) is not None]
+            row[key] = _mean_std(ratios) if ratios else None
         rows.append(row)
     order = {"sgd": 0, "sam": 1, "asam": 3}
     rows.sort(
@@ -862,10 +871,14 @@ def _pct(ms: tuple[float, float] | None) -> str:
 
 
 def _cost(r: dict[str, Any]) -> str:
-    """``passes per step | wall time / SGD's`` cells (– for records without them)."""
+    """``passes per step | wall time / SGD's`` cells (– for records without them), the CPU
+    time's ratio beside the wall time's where the runs recorded it."""
     passes = "–" if r.get("passes_per_step") is None else f"{r['passes_per_step']:.2f}"
-    ratio = r.get("wall_time_ratio")
-    return f"{passes} | " + ("–" if ratio is None else f"{ratio[0]:.2f} ± {ratio[1]:.2f}")
+    ratio, cpu = r.get("wall_time_ratio"), r.get("cpu_time_ratio")
+    text = "–" if ratio is None else f"{ratio[0]:.2f} ± {ratio[1]:.2f}"
+    if ratio is not None and cpu is not None:
+        text += f" (CPU {cpu[0]:.2f})"
+    return f"{passes} | {text}"
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -1144,7 +1157,9 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "without the worker's start-up) over the mean of SGD's runs of the same invocation, "
         "whose runs share the machine with each other (`--jobs` at a time) and with "
         "whatever else runs there (–: a run recorded before these fields, or without SGD "
-        "in its invocation). A form's own knobs (`--set k=...,alpha=...`) are in brackets "
+        "in its invocation); `(CPU x)`: the same ratio of the CPU time the runs spent "
+        "training (one thread each, so a load that comes and goes on the machine moves "
+        "it far less than the wall time; runs recorded before it have none). A form's own knobs (`--set k=...,alpha=...`) are in brackets "
         "where they are not its defaults. "
         "`final ECE`: "
         "expected calibration error (15 bins) of the final model's test probabilities "

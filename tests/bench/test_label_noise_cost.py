@@ -30,14 +30,19 @@ def test_form_options_are_part_of_a_runs_identity_and_label():
 
 def test_wall_time_ratio_is_against_the_same_invocations_sgd():
     runs = [
-        _run(optimizer="sgd", train_time_s=10.0, seed=0),
-        _run(optimizer="sgd", train_time_s=14.0, seed=1),
-        _run(optimizer="sam", train_time_s=24.0),
+        _run(optimizer="sgd", train_time_s=10.0, train_cpu_s=9.0, seed=0),
+        _run(optimizer="sgd", train_time_s=14.0, train_cpu_s=9.5, seed=1),
+        _run(optimizer="sam", train_time_s=24.0, train_cpu_s=19.5),
         _run(optimizer="sam", backend="jax", train_time_s=30.0),  # no JAX SGD here
     ]
     study.wall_time_ratios(runs)
     assert [r.get("wall_time_ratio") for r in runs] == [
         pytest.approx(10 / 12, abs=1e-3), pytest.approx(14 / 12, abs=1e-3), 2.0, None
+    ]
+    # the same of the CPU time the runs spent (the load on the machine does not move it)
+    assert [r.get("cpu_time_ratio") for r in runs] == [
+        pytest.approx(9 / 9.25, abs=1e-3), pytest.approx(9.5 / 9.25, abs=1e-3),
+        pytest.approx(19.5 / 9.25, abs=1e-3), None
     ]
     row = study.summarize(runs[2:3], "all")[0]
     assert row["wall_time_ratio"][0] == pytest.approx(2.0)
@@ -55,6 +60,8 @@ def test_tiny_study_records_passes_and_ratio(tmp_path, monkeypatch):
     study.main(argv, log=lambda _: None)
     runs = {r["optimizer"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert runs["sgd"]["passes_per_step"] == 1.0 and runs["sgd"]["wall_time_ratio"] == 1.0
+    assert runs["sgd"]["cpu_time_ratio"] == 1.0 and runs["looksam"]["cpu_time_ratio"] > 0
+    assert 0 < runs["looksam"]["train_cpu_s"]
     # 3 steps of 128: full steps at 0 only (k = 5)
     assert runs["looksam"]["passes_per_step"] == pytest.approx(4 / 3, abs=1e-4)
     assert runs["looksam"]["form_options"] == {"alpha": 0.3}
