@@ -511,10 +511,10 @@ def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> 
             sum(h.get("forwards_per_step", 0.0) * h["passes"] / h["passes_per_step"]
                 for h in history) / steps, 4,
         ),
-        # train_time_s / the mean train_time_s of SGD's runs of the same invocation (same
-        # dataset, backend, noise, epochs, data), set when the invocation ends (else None)
+        # train_time_s / the median train_time_s of SGD's runs of the same invocation (same
+        # dataset, backend, noise, epochs, data), set as the invocation's runs are recorded
         "wall_time_ratio": None,
-        # train_cpu_s / the mean train_cpu_s of the same SGD runs (a check on the wall time's
+        # train_cpu_s / the median train_cpu_s of the same SGD runs (a check on the wall time's
         # ratio that a changing load on the machine does not move)
         "cpu_time_ratio": None,
         "form_options": form_options(spec.optimizer.name, c),
@@ -747,10 +747,14 @@ def _label(run: dict[str, Any]) -> str:
 
 
 def wall_time_ratios(runs: list[dict[str, Any]]) -> None:
-    """Set each run's ``wall_time_ratio``: its ``train_time_s`` over the mean ``train_time_s``
-    of the SGD runs among ``runs`` (one invocation's) with the same dataset, backend, noise,
-    epochs and training-set size, and ``cpu_time_ratio`` the same of ``train_cpu_s``; left as
-    they are where there is no such SGD run."""
+    """Set each run's ``wall_time_ratio``: its ``train_time_s`` over the median
+    ``train_time_s`` of the SGD runs among ``runs`` (one invocation's) with the same dataset,
+    backend, noise, epochs and training-set size, and ``cpu_time_ratio`` the same of
+    ``train_cpu_s``; left as they are where there is no such SGD run.
+
+    The median, not the mean: on a shared 2-core machine the same run has been measured 1.5x
+    slower at one time than at another (its CPU time as well, so not for lack of a core), and
+    one such SGD run among three would move every ratio of the invocation by a sixth."""
 
     def where(r: dict[str, Any]) -> tuple[Any, ...]:
         return (r["dataset"], r["backend"], r["label_noise"], r["epochs"], r.get("n_train"))
@@ -763,7 +767,7 @@ def wall_time_ratios(runs: list[dict[str, Any]]) -> None:
         for r in runs:
             base = sgd.get(where(r))
             if base and r.get(field):
-                r[ratio] = round(r[field] / statistics.fmean(base), 3)
+                r[ratio] = round(r[field] / statistics.median(base), 3)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -1154,7 +1158,8 @@ def write_report(results: dict[str, Any], out: Path) -> str:
         "`sam_jax.rho_warmup_schedule`); without it, rho from the first step. "
         "`passes/step`: forward-backward passes over a batch per optimizer step, as the "
         "training loop counts them; `time / SGD`: the run's training time (its epochs, "
-        "without the worker's start-up) over the mean of SGD's runs of the same invocation, "
+        "without the worker's start-up) over the median of SGD's runs of the same invocation "
+        "(the mean in invocations recorded before the median was used), "
         "whose runs share the machine with each other (`--jobs` at a time) and with "
         "whatever else runs there (–: a run recorded before these fields, or without SGD "
         "in its invocation); `(CPU x)`: the same ratio of the CPU time the runs spent "
