@@ -72,6 +72,8 @@ __all__ = [
     "main",
     "merge_runs",
     "parse_optimizer",
+    "parse_settings",
+    "pass_rates",
     "plan_runs",
     "plot_pareto",
     "rho_for",
@@ -166,7 +168,20 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
         "rho": {"sam": 0.2, "sam/m": 0.1, "asam": 1.0, "aesam": 0.2, "esam": 0.1,
                 "bsam": 0.05, "looksam": 0.2, "everyk": 0.2, "msam": 0.2, "gsam": 0.2},
         "form_options": {"looksam": {"alpha": 0.3}},
-        "sweep": {"sam": (0.1, 0.2), "sam/m16": (0.05, 0.1, 0.2), "asam": (0.5, 1.0)},
+        # Every form's rho swept on seed 0 (the report's sweep table; LookSAM at its grid
+        # alpha 0.3, passed with --set alpha=0.3 as a sweep takes the forms' defaults).
+        "sweep": {
+            "sam": (0.1, 0.2),
+            "sam/m16": (0.05, 0.1, 0.2),
+            "asam": (0.5, 1.0),
+            "looksam": (0.1, 0.2, 0.3),
+            "everyk": (0.1, 0.2, 0.4),
+            "msam": (0.1, 0.2, 0.4),
+            "gsam": (0.1, 0.2, 0.3),
+            "aesam": (0.1, 0.2, 0.4),
+            "esam": (0.05, 0.1, 0.2),
+            "bsam": (0.02, 0.05, 0.1),
+        },
     },
 }
 
@@ -448,6 +463,22 @@ def _single_thread_env() -> None:
     limit_threads_env(1)
 
 
+def pass_rates(history: list[dict[str, Any]]) -> dict[str, float]:
+    """A run's passes per optimizer step over all its epochs, from the loops' per-epoch
+    counts: ``passes_per_step`` (forward-backward passes over a batch) and
+    ``forwards_per_step`` (forwards without backward), each weighted by the epoch's steps
+    (``passes / passes_per_step``), rounded to 4 digits."""
+    steps = [h["passes"] / h["passes_per_step"] for h in history]
+    total = sum(steps)
+    return {
+        "passes_per_step": round(sum(h["passes"] for h in history) / total, 4),
+        "forwards_per_step": round(
+            sum(h.get("forwards_per_step", 0.0) * n for h, n in zip(history, steps, strict=True))
+            / total, 4,
+        ),
+    }
+
+
 def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> dict[str, Any]:
     """Train one run (in this process) and return its ``results.json`` record; ``measure``:
     with the final model's sharpness measures (:func:`sharpness_measures`; the main job's
@@ -472,7 +503,7 @@ def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> 
     wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     final = history[-1]
     c = dict(spec.config)
-    steps = sum(h["passes"] / h["passes_per_step"] for h in history)
+    per_step = pass_rates(history)
     measures = sharpness_measures(spec.backend, trained, config) if measure else {}
     return {
         "dataset": spec.dataset,
@@ -504,13 +535,10 @@ def execute(spec: RunSpec, threads: int | None = 1, *, measure: bool = True) -> 
         # thread per run, what the run costs whatever else shares the machine
         "train_cpu_s": round(cpu, 2),
         # forward-backward passes over a batch per optimizer step, counted by the loop
-        "passes_per_step": round(sum(h["passes"] for h in history) / steps, 4),
+        "passes_per_step": per_step["passes_per_step"],
         # forwards over a batch without backward per step (not in passes_per_step): ESAM's
         # selection forward, MESA's EMA forward on the epochs with its term
-        "forwards_per_step": round(
-            sum(h.get("forwards_per_step", 0.0) * h["passes"] / h["passes_per_step"]
-                for h in history) / steps, 4,
-        ),
+        "forwards_per_step": per_step["forwards_per_step"],
         # train_time_s / the median train_time_s of SGD's runs of the same invocation (same
         # dataset, backend, noise, epochs, data), set as the invocation's runs are recorded
         "wall_time_ratio": None,
@@ -1304,7 +1332,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_set(text: str | None) -> dict[str, Any]:
+def parse_settings(text: str | None) -> dict[str, Any]:
+    """``--set``'s ``KEY=VALUE,...`` as a dict: ints, floats and true/false parsed, other
+    values kept as strings."""
     out: dict[str, Any] = {}
     for item in (text or "").split(","):
         if not item.strip():
@@ -1352,7 +1382,7 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     if args.rho:
         settings["rho_override"] = {
             k: float(v) for k, _, v in (i.partition("=") for i in args.rho.split(","))}
-    overrides = _parse_set(args.set)
+    overrides = parse_settings(args.set)
     if settings["config"]["dataset"] != "digits":
         overrides["data_dir"] = args.data_dir
     optimizers = [parse_optimizer(o) for o in args.optimizers.split(",") if o.strip()]

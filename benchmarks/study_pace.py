@@ -22,42 +22,52 @@ from typing import Any
 
 from benchmarks import label_noise as study
 from benchmarks._timing import limit_threads_env, machine_info
+from examples.cli import TRAJECTORY_FORMS
 
 
 def measure(dataset: str, optimizers: list[str], *, epochs: int, rounds: int,
-            data_dir: str | None = None) -> dict[str, Any]:
-    """Per form: the epochs' times over ``rounds`` interleaved runs of ``epochs`` epochs,
-    their median, passes per step and the ratio of the median to SGD's."""
+            data_dir: str | None = None, skip_epochs: int = 0,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per form: the epochs' times over ``rounds`` interleaved runs of ``epochs`` epochs
+    (each run's first ``skip_epochs`` left out), their median, passes per step and the ratio
+    of the median to SGD's; ``overrides``: training settings over the grid's (``--set``)."""
     from examples import train_torch
     from examples.cli import make_config
 
     specs = [study.parse_optimizer(o) for o in optimizers]
     if specs[0].name != "sgd":
         raise ValueError(f"the first optimizer is the baseline and must be sgd, got {optimizers[0]!r}")
-    overrides: dict[str, Any] = {"epochs": epochs}
+    if not 0 <= skip_epochs < epochs:
+        raise ValueError(f"skip_epochs must be in [0, epochs = {epochs}), got {skip_epochs}")
+    settings = {**(overrides or {}), "epochs": epochs}
     if data_dir is not None:
-        overrides["data_dir"] = data_dir
+        settings["data_dir"] = data_dir
     plan = study.plan_runs(study.settings_for(dataset, None), specs, [0], ["torch"],
-                           overrides=overrides)
+                           overrides=settings)
     times: dict[str, list[float]] = {s.optimizer.label: [] for s in plan}
     passes: dict[str, float] = {}
+    terms: dict[str, int] = {}
     for r in range(rounds):
         for spec in plan[r % len(plan):] + plan[: r % len(plan)]:
             values = spec.overrides()
             values["threads"] = 1
             history, _ = train_torch.train_model(make_config(**values))
             label = spec.optimizer.label
-            times[label] += [h["epoch_time_s"] for h in history]
-            passes[label] = sum(h["passes"] for h in history) / sum(
-                h["passes"] / h["passes_per_step"] for h in history)
+            timed = history[skip_epochs:]
+            times[label] += [h["epoch_time_s"] for h in timed]
+            # timed epochs in which a trajectory form's term was on (SAF / MESA)
+            terms[label] = terms.get(label, 0) + sum(
+                1 for h in timed if (h.get("trajectory_loss") or 0.0) > 0.0)
+            passes[label] = study.pass_rates(timed)["passes_per_step"]
     base = statistics.median(times[plan[0].optimizer.label])
     rows = {
         label: {"median_epoch_s": statistics.median(t), "epochs": len(t),
-                "passes_per_step": round(passes[label], 4),
+                "passes_per_step": passes[label], "term_epochs": terms[label],
                 "ratio_to_sgd": round(statistics.median(t) / base, 3)}
         for label, t in times.items()
     }
     return {"dataset": dataset, "epochs": epochs, "rounds": rounds, "rows": rows,
+            "skip_epochs": skip_epochs, "overrides": dict(overrides or {}),
             "machine": machine_info(threads=1)}
 
 
@@ -66,9 +76,13 @@ def report(result: dict[str, Any], command: str) -> str:
     lines = [
         f"# The study's training time per form, paired ({result['dataset']})",
         "",
-        f"`{command}`: each form's grid configuration for {result['epochs']} epochs, "
-        f"{result['rounds']} rounds round-robin in one process, one thread; the median "
-        "epoch (training steps and the per-epoch evaluation) over SGD's. "
+        f"`{command}`: each form's grid configuration"
+        + (f" with {_settings(result['overrides'])}" if result.get("overrides") else "")
+        + f" for {result['epochs']} epochs, {result['rounds']} rounds round-robin in one "
+        "process, one thread; the median epoch (training steps and the per-epoch evaluation"
+        + (f"; each run's first {result['skip_epochs']} epoch(s) not timed"
+           if result.get("skip_epochs") else "")
+        + ") over SGD's. "
         f"{m.get('cpu', 'CPU')}, {m.get('logical_cpus', '?')} logical CPUs, torch "
         f"{m.get('torch', '?')}.",
         "",
@@ -79,7 +93,16 @@ def report(result: dict[str, Any], command: str) -> str:
         display = study.parse_optimizer(label).display
         lines.append(f"| {display} | {r['passes_per_step']:.2f} | {r['median_epoch_s']:.2f} "
                      f"| {r['epochs']} | {r['ratio_to_sgd']:.2f} |")
+    terms = [f"{study.parse_optimizer(label).display} {r['term_epochs']} of {r['epochs']}"
+             for label, r in result["rows"].items()
+             if study.parse_optimizer(label).name in TRAJECTORY_FORMS]
+    if terms:
+        lines += ["", "Timed epochs with the trajectory term on: " + ", ".join(terms) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _settings(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(overrides.items()))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -90,16 +113,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="registry names, SGD first (the baseline)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--skip-epochs", type=int, default=0,
+                   help="leave each run's first N epochs out of the times (e.g. those before a "
+                        "trajectory form's term starts)")
+    p.add_argument("--set", default=None, metavar="KEY=VALUE,...",
+                   help="override training settings, as the study's --set (e.g. "
+                        "saf_start_epoch=0,saf_lag_epochs=1,mesa_start_epoch=0)")
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.rounds < 1:
         raise SystemExit(f"--epochs and --rounds must be >= 1, got {args.epochs} and {args.rounds}")
     limit_threads_env(1)
     result = measure(args.dataset, [o.strip() for o in args.optimizers.split(",") if o.strip()],
-                     epochs=args.epochs, rounds=args.rounds, data_dir=args.data_dir)
+                     epochs=args.epochs, rounds=args.rounds, data_dir=args.data_dir,
+                     skip_epochs=args.skip_epochs, overrides=study.parse_settings(args.set))
     shown = ["python -m benchmarks.study_pace", "--dataset", args.dataset,
              *(["--data-dir", "DATA"] if args.data_dir else []), "--optimizers", args.optimizers,
-             "--epochs", str(args.epochs), "--rounds", str(args.rounds)]
+             "--epochs", str(args.epochs), "--rounds", str(args.rounds),
+             *(["--skip-epochs", str(args.skip_epochs)] if args.skip_epochs else []),
+             *(["--set", args.set] if args.set else [])]
     text = report(result, " ".join(shown))
     print(text)
     if args.out:

@@ -113,3 +113,15 @@ def test_runs_go_seed_by_seed_and_each_recorded_run_gets_its_ratio_at_once(tmp_p
     final = {(r["optimizer"], r["seed"]): r["wall_time_ratio"]
              for r in study.load_results(out / "results.json")["runs"]}
     assert final[("sam", 1)] == pytest.approx(26.0 / 10.5, abs=1e-3)  # against both SGD runs
+
+
+def test_pass_rates_weight_each_epoch_by_its_steps() -> None:
+    """Two epochs of 10 and 30 steps at 2.0 and 1.2 passes (ESAM-like 0.5 / 0 forwards): the
+    run's rates are the step-weighted means, not the means of the epochs' rates."""
+    history = [
+        {"passes": 20, "passes_per_step": 2.0, "forwards_per_step": 0.5},
+        {"passes": 36, "passes_per_step": 1.2},
+    ]
+    rates = study.pass_rates(history)
+    assert rates["passes_per_step"] == pytest.approx((20 + 36) / 40)
+    assert rates["forwards_per_step"] == pytest.approx((0.5 * 10) / 40)
