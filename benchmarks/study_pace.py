@@ -46,7 +46,7 @@ def measure(dataset: str, optimizers: list[str], *, epochs: int, rounds: int,
                            overrides=settings)
     times: dict[str, list[float]] = {s.optimizer.label: [] for s in plan}
     passes: dict[str, float] = {}
-    terms: dict[str, int] = {}
+    terms: dict[str, int] = dict.fromkeys(times, 0)
     for r in range(rounds):
         for spec in plan[r % len(plan):] + plan[: r % len(plan)]:
             values = spec.overrides()
@@ -56,8 +56,7 @@ def measure(dataset: str, optimizers: list[str], *, epochs: int, rounds: int,
             timed = history[skip_epochs:]
             times[label] += [h["epoch_time_s"] for h in timed]
             # timed epochs in which a trajectory form's term was on (SAF / MESA)
-            terms[label] = terms.get(label, 0) + sum(
-                1 for h in timed if (h.get("trajectory_loss") or 0.0) > 0.0)
+            terms[label] += sum(1 for h in timed if (h.get("trajectory_loss") or 0.0) > 0.0)
             passes[label] = study.pass_rates(timed)["passes_per_step"]
     base = statistics.median(times[plan[0].optimizer.label])
     rows = {
@@ -89,13 +88,13 @@ def report(result: dict[str, Any], command: str) -> str:
         "| form | passes / step | median epoch (s) | epochs timed | time / SGD |",
         "|---|---|---|---|---|",
     ]
+    terms = []
     for label, r in result["rows"].items():
-        display = study.parse_optimizer(label).display
-        lines.append(f"| {display} | {r['passes_per_step']:.2f} | {r['median_epoch_s']:.2f} "
+        spec = study.parse_optimizer(label)
+        lines.append(f"| {spec.display} | {r['passes_per_step']:.2f} | {r['median_epoch_s']:.2f} "
                      f"| {r['epochs']} | {r['ratio_to_sgd']:.2f} |")
-    terms = [f"{study.parse_optimizer(label).display} {r['term_epochs']} of {r['epochs']}"
-             for label, r in result["rows"].items()
-             if study.parse_optimizer(label).name in TRAJECTORY_FORMS]
+        if spec.name in TRAJECTORY_FORMS:
+            terms.append(f"{spec.display} {r['term_epochs']} of {r['epochs']}")
     if terms:
         lines += ["", "Timed epochs with the trajectory term on: " + ", ".join(terms) + "."]
     return "\n".join(lines) + "\n"
