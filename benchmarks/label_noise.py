@@ -32,8 +32,10 @@ over seeds). Invocations merge into the same ``results.json`` (also when they ru
 same time: each finished run is merged into the file under a lock): a run whose key
 (dataset, backend, optimizer, m, rho, rho ramp, seed, noise, epochs, training-set size) is
 already there when the invocation starts is **skipped**, unless ``--replace`` is given, in
-which case it is run again and replaces the old record. ``--report-only`` rewrites the report
-and plots from ``results.json``.
+which case it is run again and replaces the old record. ``--missing-measures`` reruns the
+recorded runs whose records lack the sharpness measures (those recorded before the measures
+existed), each at its own recorded settings, and replaces them: the grid's runs first.
+``--report-only`` rewrites the report and plots from ``results.json``.
 
 References: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
 Generalization", ICLR 2021 (Table 4: label noise; Fig. 3: m-sharpness); Baek, Kolter &
@@ -458,6 +460,53 @@ def plan_runs(
                             )
                         )
     return runs
+
+
+def missing_measures_plan(
+    runs: list[dict[str, Any]],
+    *,
+    datasets: Iterable[str] | None = None,
+    backends: Iterable[str] | None = None,
+    noise_levels: Iterable[float] | None = None,
+    optimizers: Iterable[str] | None = None,
+    data_dir: str | None = None,
+) -> list[RunSpec]:
+    """The reruns of the recorded runs whose records lack the sharpness measures
+    (:data:`MEASURE_KEYS`; runs recorded before the measures existed), each at its own
+    recorded settings (the dataset's current settings under the record's, its rho, rho ramp,
+    knobs and seed), so that its rerun has the record's :func:`run_key` and replaces it.
+
+    ``datasets``, ``backends``, ``noise_levels`` and ``optimizers`` (labels, ``"sam/m16"``)
+    keep only those runs (``None``: all). The grid's runs (:func:`in_grid`) come first, then
+    the others; each group seed by seed, so SGD's reruns, the baseline of the time ratios,
+    spread over the invocation."""
+    wanted_noise = None if noise_levels is None else {round(float(n), 6) for n in noise_levels}
+    wanted_opt = None if optimizers is None else {o.strip() for o in optimizers}
+    plan = []
+    for run in runs:
+        if all(run.get(k) is not None for k in MEASURE_KEYS):
+            continue
+        opt = OptimizerSpec(run["optimizer"], run.get("m_sharpness"))
+        if (datasets is not None and run["dataset"] not in datasets) or (
+            backends is not None and run["backend"] not in backends
+        ) or (wanted_noise is not None and round(float(run["label_noise"]), 6) not in wanted_noise
+              ) or (wanted_opt is not None and opt.label not in wanted_opt):
+            continue
+        base = dict(DATASET_SETTINGS.get(run["dataset"], {}).get("config", {}))
+        config = {**base, **run.get("settings", {}), **(run.get("form_options") or {})}
+        config["rho_warmup_epochs"] = rho_warmup_of(run)
+        config["label_noise"] = float(run["label_noise"])
+        if run.get("n_train") is not None:
+            config["limit_train"] = run["n_train"]
+        if config.get("dataset") != "digits" and data_dir is not None:
+            config["data_dir"] = data_dir
+        spec = RunSpec(run["dataset"], run["backend"], opt, int(run["seed"]),
+                       0.0 if opt.name in NO_RHO else float(run["rho"]),
+                       tuple(sorted(config.items())), run.get("kind", "grid"))
+        if spec.key() != run_key(run):  # a record this code cannot reproduce: leave it
+            continue
+        plan.append((not in_grid(run), spec.seed, len(plan), spec))
+    return [spec for *_, spec in sorted(plan, key=lambda t: t[:3])]
 
 
 def _single_thread_env() -> None:
@@ -1315,8 +1364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=sorted(DATASET_SETTINGS), default="digits")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a full-scale configuration for a GPU (replaces the dataset settings)")
-    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                   help="registry names, '/mM' for m-sharpness (e.g. sam/m16)")
+    p.add_argument("--optimizers", default=None,
+                   help="registry names, '/mM' for m-sharpness (e.g. sam/m16) (default: "
+                   f"{','.join(DEFAULT_OPTIMIZERS)}; with --missing-measures: every form)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--backends", default="torch,jax")
     p.add_argument("--label-noise", default=None, help="comma-separated fractions (default: "
@@ -1331,6 +1381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--replace", action="store_true",
                    help="rerun runs already in results.json and replace them (default: skip)")
+    p.add_argument("--missing-measures", action="store_true",
+                   help="rerun the recorded runs (of --dataset, --backends, and --label-noise "
+                   "and --optimizers where given) whose records lack the sharpness measures, "
+                   "each at its own recorded settings, and replace them")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--out", default=str(OUT))
     return p
@@ -1389,21 +1443,35 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     overrides = parse_settings(args.set)
     if settings["config"]["dataset"] != "digits":
         overrides["data_dir"] = args.data_dir
-    optimizers = [parse_optimizer(o) for o in args.optimizers.split(",") if o.strip()]
+    names = args.optimizers if args.optimizers is not None else ",".join(DEFAULT_OPTIMIZERS)
+    optimizers = [parse_optimizer(o) for o in names.split(",") if o.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
         if b not in ("torch", "jax"):
             raise SystemExit(f"--backends must name torch and/or jax, got {b!r}")
     noise = _floats(args.label_noise) if args.label_noise else None
-    plan = plan_runs(settings, optimizers, _ints(args.seeds), backends, overrides=overrides,
-                     sweep=args.sweep_rho, noise_levels=noise)
+    if args.missing_measures:  # reruns that replace their records: nothing is skipped
+        plan = missing_measures_plan(
+            results["runs"], datasets=[settings["config"]["dataset"]], backends=backends,
+            noise_levels=noise, data_dir=args.data_dir,
+            optimizers=None if args.optimizers is None else [o.label for o in optimizers])
+        args.replace = True
+    else:
+        plan = plan_runs(settings, optimizers, _ints(args.seeds), backends,
+                         overrides=overrides, sweep=args.sweep_rho, noise_levels=noise)
     done = {run_key(r) for r in results["runs"]}
     # Seed by seed (every form's seed 0, then seed 1, ...): SGD's runs, the baseline of every
     # wall_time_ratio, then spread over the invocation and share the machine's state (other
     # load, its clock) with the runs they are the baseline of, instead of all running first.
-    todo = sorted((s for s in plan if args.replace or s.key() not in done), key=lambda s: s.seed)
-    log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {path.name}, "
-        f"{len(todo)} to run, {args.jobs} at a time")
+    todo = [s for s in plan if args.replace or s.key() not in done]
+    if not args.missing_measures:  # (that plan has its own order: the grid's runs first)
+        todo.sort(key=lambda s: s.seed)
+    if args.missing_measures:
+        log(f"{len(todo)} runs in {path.name} lack the sharpness measures: rerunning them "
+            f"(their records replaced), {args.jobs} at a time")
+    else:
+        log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {path.name}, "
+            f"{len(todo)} to run, {args.jobs} at a time")
     invocation = {
         "id": f"{time.time():.6f}-{os.getpid()}",
         "command": _command(argv if argv is not None else sys.argv[1:]),
