@@ -1450,12 +1450,11 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
         if b not in ("torch", "jax"):
             raise SystemExit(f"--backends must name torch and/or jax, got {b!r}")
     noise = _floats(args.label_noise) if args.label_noise else None
-    if args.missing_measures:  # reruns that replace their records: nothing is skipped
+    if args.missing_measures:
         plan = missing_measures_plan(
             results["runs"], datasets=[settings["config"]["dataset"]], backends=backends,
             noise_levels=noise, data_dir=args.data_dir,
             optimizers=None if args.optimizers is None else [o.label for o in optimizers])
-        args.replace = True
     else:
         plan = plan_runs(settings, optimizers, _ints(args.seeds), backends,
                          overrides=overrides, sweep=args.sweep_rho, noise_levels=noise)
@@ -1463,13 +1462,13 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     # Seed by seed (every form's seed 0, then seed 1, ...): SGD's runs, the baseline of every
     # wall_time_ratio, then spread over the invocation and share the machine's state (other
     # load, its clock) with the runs they are the baseline of, instead of all running first.
-    todo = [s for s in plan if args.replace or s.key() not in done]
-    if not args.missing_measures:  # (that plan has its own order: the grid's runs first)
-        todo.sort(key=lambda s: s.seed)
-    if args.missing_measures:
+    replace = args.replace or args.missing_measures  # reruns replace their records
+    todo = [s for s in plan if replace or s.key() not in done]
+    if args.missing_measures:  # that plan has its own order: the grid's runs first
         log(f"{len(todo)} runs in {path.name} lack the sharpness measures: rerunning them "
             f"(their records replaced), {args.jobs} at a time")
     else:
+        todo.sort(key=lambda s: s.seed)
         log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {path.name}, "
             f"{len(todo)} to run, {args.jobs} at a time")
     invocation = {
