@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 def _one_thread_per_worker() -> None:
@@ -24,15 +25,42 @@ def _one_thread_per_worker() -> None:
 
 
 def _quick_xla_compiles() -> None:
-    """The tests' JAX programs are tiny, so compiling them costs far more than running them:
-    XLA's CPU backend compiles them without LLVM's optimizations (``make test`` measured a
-    third less CPU time on the JAX tests). Every program of a test, and the references it is
-    compared with, compiles the same way; a user's XLA_FLAGS that set the level win."""
+    """The tests' JAX programs are small, so compiling them costs more than running them:
+    XLA's CPU backend compiles them with LLVM's cheapest optimization level that still
+    optimizes, 1. Level 0 compiles float32 programs a little faster, but leaves the float64
+    convolutions that the cross-backend tests run (XLA's CPU backend emits those itself,
+    not through Eigen) about 15x slower to run: on 2 cores, one worker, the JAX-heavy test
+    files took 421 s of test time at level 0 and 340 s at level 1, the rest of the JAX
+    tests 507 s and 492 s. Every program of a test, and the references it is compared with,
+    compiles the same way; a user's XLA_FLAGS that set the level win."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "--xla_backend_optimization_level" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=1".strip()
+
+
+def _compilation_cache() -> None:
+    """JAX's persistent compilation cache for the test processes, in the clone's ignored
+    ``runs/.cache/jax-tests/``: the same program compiled by several tests (the examples'
+    steps, the reference steps) is compiled once and loaded after that, in this run and the
+    next. An executable is keyed on the program, the XLA flags and the jax/jaxlib version,
+    so a cached one is the one a compile would give. ``SAM_TEST_JAX_CACHE=0`` turns it off;
+    a user's own ``JAX_COMPILATION_CACHE_DIR`` wins."""
+    if os.environ.get("SAM_TEST_JAX_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = Path(__file__).resolve().parents[1] / "runs" / ".cache" / "jax-tests"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only clone: compile every time
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    # every program: the tests' programs compile in well under JAX's 1-second default
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 _quick_xla_compiles()
+_compilation_cache()
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _one_thread_per_worker()
