@@ -510,17 +510,30 @@ def test_run_folders_never_collide(tmp_path: Path) -> None:
     assert all(f.is_dir() and not any(f.iterdir()) for f in (a, b, c))
 
 
-def test_out_is_honoured_and_python_m_benchmarks_runs(tmp_path: Path) -> None:
+def test_out_is_honoured(tmp_path: Path) -> None:
     out = tmp_path / "given"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--sections", "memory",
-                           "--backends", "torch", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    returned = compare.main(["--smoke", "--sections", "memory", "--backends", "torch",
+                             "--out", str(out), "--no-progress"])
     results = json.loads((out / "results.json").read_text())
-    assert results["out"] == "DIR" and results["sections"] == ["memory"]
+    assert results["out"] == returned["out"] == "DIR" and results["sections"] == ["memory"]
     assert results["memory"]["torch"]["rows"]["sam_torch (SAM)"]["extra_buffers"] == (
         pytest.approx(1.0, abs=1e-3))
+    assert (out / "report.md").is_file()
+
+
+def test_python_m_benchmarks_is_the_main_job() -> None:
+    """``python -m benchmarks`` reaches compare.py's command line (its whole runs are the
+    smoke tests above, through the script)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage: ")
+    for flag in ("--out", "--smoke", "--full", "--gpu", "--sections", "--backends"):
+        assert flag in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "--sections", "nosuch"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "nosuch" in bad.stderr
 
 
 def test_paths_are_shown_relative_to_the_clone_or_not_at_all(tmp_path: Path) -> None:
