@@ -169,3 +169,14 @@ def max_rel_diff(a: Any, b: Any) -> float:
             scale = max(float(np.max(np.abs(y))), 1e-300)
             worst = max(worst, float(np.max(np.abs(x - y))) / scale)
     return worst
+
+
+def conv_jit(fun: Any, **kwargs: Any) -> Any:
+    """``jax.jit`` with XLA's CPU backend at optimization level 1 for this program only.
+
+    The test processes compile at level 0 (tests/conftest.py), which suits their tiny
+    programs; but at level 0 XLA:CPU emits float64 convolutions as unoptimized loops, ~15x
+    slower than at level 1, so the float64 WideResNet programs compile this way instead."""
+    import jax
+
+    return jax.jit(fun, compiler_options={"xla_backend_optimization_level": 1}, **kwargs)

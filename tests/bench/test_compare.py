@@ -1,9 +1,7 @@
-"""The main job (``benchmarks/compare.py``, the ``benchmarks`` package) in its smoke mode,
-its command line, output folders and section registry, and the pieces whose numbers it reports.
-
-The smoke runs start a fresh interpreter (as users run it) on tiny CIFAR files written in the
-official layout. Timings are only checked for being measured; the deterministic figures
-(buffer counts, cross-backend differences) are checked against what they must be.
+"""The main job (``benchmarks/compare.py``, the ``benchmarks`` package): its command line,
+output folders and section registry, and the pieces whose numbers it reports. Its whole smoke
+runs, in a fresh interpreter as users run it, are checked in tests/bench/test_smoke_job.py
+(with :func:`run_compare` and :func:`write_fake_cifar10` from here).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks import accuracy, compare, memory, overhead, report
-from benchmarks._common import AA_CONTROL, MODES, sized
+from benchmarks._common import MODES, sized
 from benchmarks._progress import Progress
 from benchmarks._timing import (
     interleaved_times,
@@ -54,115 +52,6 @@ def run_compare(args: list[str]) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def test_smoke_torch_run_with_cifar_files(tmp_path: Path) -> None:
-    data = write_fake_cifar10(tmp_path / "data")
-    out = tmp_path / "out"
-    proc = run_compare(["--smoke", "--backends", "torch", "--data-dir", str(data),
-                        "--out", str(out), "--threads", "1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    report = (out / "report.md").read_text()
-    assert results["errors"] == {}
-    assert results["mode"] == "smoke"
-    for key in ("cpu", "logical_cpus", "threads", "torch", "jax", "optax", "pytorch_optimizer"):
-        assert key in results["machine"]
-    assert results["machine"]["threads"] == 1
-    # the report and the JSON name the machine by what it is, never a folder of it
-    for text in (report, (out / "results.json").read_text()):
-        assert str(tmp_path) not in text and str(ROOT) not in text
-    assert "--data-dir DIR --out DIR" in results["command"]
-    assert results["accuracy"]["data"] == "the folder given by --data-dir"
-    # peak memory: the process's max RSS, and after each section (never decreasing)
-    peak = results["peak_memory"]
-    after = [peak["after_section"][n] for n in ("overhead", "memory", "step", "variants")]
-    assert after == sorted(after) and 0 < after[-1] <= peak["max_rss_bytes"]
-    assert "Peak memory (max RSS of the process):" in report
-    assert "**Smoke run**" in report and "† few repeats (smoke run)" in report
-    assert str(out) in proc.stdout and "report.md" in proc.stdout
-    for png in ("overhead.png", "train_step.png", "accuracy.png", "landscape.png"):
-        assert (out / png).stat().st_size > 1000
-        assert f"({png})" in report
-
-    # 1. every implementation timed in both modes, ratio consistent with the medians
-    for mode in ("SAM", "ASAM"):
-        rows = results["overhead"]["modes"][mode]
-        assert {"base SGD step", "sam_torch", "sam_torch foreach+copy (before)",
-                "loop per tensor (popular wrapper)", "pytorch_optimizer.SAM foreach=True",
-                "pytorch_optimizer.SAM foreach=False"} <= set(rows)
-        base = rows["base SGD step"]["median_ms"]
-        for r in rows.values():
-            assert r["n"] == 3 and r["median_ms"] > 0
-            assert r["ratio_to_base"] == pytest.approx(r["median_ms"] / base)
-
-    # 3. buffer counts are exact: swap keeps one spare, copy two, the peers free theirs
-    mem = results["memory"]["torch"]["rows"]
-    assert mem["sam_torch (SAM)"]["extra_buffers"] == pytest.approx(1.0, abs=1e-3)
-    assert mem["sam_torch (ASAM)"]["extra_buffers"] == pytest.approx(1.0, abs=1e-3)
-    assert mem["sam_torch foreach+copy (before) (SAM)"]["extra_buffers"] == pytest.approx(
-        2.0, abs=1e-3)
-    peer = mem["pytorch_optimizer.SAM foreach=True (SAM)"]
-    assert peer["extra_buffers"] == pytest.approx(0.0, abs=1e-3)
-    assert peer["extra_buffers_while_perturbed"] == pytest.approx(1.0, abs=1e-3)
-
-    # 2. torch whole step measured; JAX reported as not requested, never faked
-    assert set(results["step"]["torch"]["rows"]) >= {"torch SGD", "sam_torch"}
-    assert "skipped" in results["step"]["jax"] and "skipped" in results["agreement"]
-
-    # 6. SAM family: every variant timed; passes per step are exact (k = 5)
-    rows = results["variants"]["backends"]["torch"]
-    assert set(results["variants"]["backends"]) == {"torch"}  # --smoke: torch only
-    expected_passes = {"sgd": 1.0, "sam": 2.0, "gsam": 2.0, "wsam": 2.0, "samon": 2.0,
-                       "fsam": 2.0, "vasso": 2.0, "looksam(k=5)": 1.2, "everyk(k=5)": 1.2,
-                       "msam": 1.0}
-    assert {n: r["passes"] for n, r in rows.items()} == pytest.approx(expected_passes)
-    for r in rows.values():
-        assert r["ms"] > 0 and r["ratio_to_sgd"] == pytest.approx(r["ms"] / rows["sgd"]["ms"])
-    assert "## 6. SAM family" in report
-    assert any("looksam(k=5) step <= 1.25x" in t["target"] for t in results["targets"])
-
-    # 5. accuracy on the fake data: one epoch per run, sane values, landscape through 0
-    acc = results["accuracy"]
-    assert set(acc["runs"]) == {"torch SGD", "torch SAM", "torch ASAM"}
-    for run in acc["runs"].values():
-        (h,) = run["history"]
-        assert 0.0 <= h["test_acc"] <= 1.0 and np.isfinite(h["test_loss"])
-    alphas = acc["landscape"]["alphas"]
-    assert alphas[len(alphas) // 2] == 0.0
-    for losses in acc["landscape"]["train_loss"].values():
-        assert len(losses) == len(alphas) and all(np.isfinite(losses))
-
-
-def test_smoke_jax_sections(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc = run_compare(["--smoke", "--sections", "memory,agreement,step", "--out", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["errors"] == {}
-    # the report orders the sections by number, whatever the order they ran in
-    assert results["sections"] == ["step", "memory", "agreement"]
-    steps = results["step"]["jax"]["rows"]
-    assert set(steps) == {"optax.sgd", "sam_jax", "optax.contrib.sam opaque",
-                          AA_CONTROL, "optax.contrib.sam alternating"}
-    for name in ("sam_jax", AA_CONTROL):
-        pr = steps[name]["paired_ratio_to_optax_opaque"]
-        assert pr["n"] == steps[name]["n"] and pr["ci95_low"] <= pr["median"] <= pr["ci95_high"]
-    # sam_jax compiles to the work of optax.contrib.sam opaque (same two passes)
-    work = results["step"]["jax"]["compiled_work"]
-    assert 0.99 < work["flops_ratio"] < 1.01 and 0.99 < work["bytes_ratio"] < 1.01
-    report = (out / "report.md").read_text()
-    assert "(paired ratio, within the A/A noise floor)" in report
-    assert "A/A control, the opaque step compiled a second time" in report
-    mem = results["memory"]["jax"]["rows"]
-    assert mem["sam_jax"]["extra_buffers"] == pytest.approx(0.0, abs=1e-3)
-    assert mem["optax.contrib.sam opaque"]["extra_buffers"] == pytest.approx(0.0, abs=1e-3)
-    assert mem["optax.contrib.sam alternating"]["extra_buffers"] == pytest.approx(1.0, abs=1e-3)
-    agree = results["agreement"]["rows"]
-    assert agree["SAM float64"]["max_rel_param_diff"] < 1e-10
-    assert agree["SAM float64"]["global_rel_l2_diff"] < 1e-12
-    assert agree["ASAM float32"]["global_rel_l2_diff"] < 1e-5
-    assert "accuracy" not in results
 
 
 def _fake_history(config: types.SimpleNamespace, noisy: bool) -> list[dict[str, float]]:
@@ -444,31 +333,6 @@ def test_asam_perturbation_before_and_after_match_the_formula(monkeypatch: pytes
             np.testing.assert_allclose(o.numpy(), expected, rtol=1e-13)
 
 
-def test_smoke_accuracy_run_with_sam_family_variants(tmp_path: Path) -> None:
-    """Section 5 trains the variants named in --optimizers (torch) next to SGD/SAM/ASAM."""
-    data = write_fake_cifar10(tmp_path / "data")
-    out = tmp_path / "out"
-    proc = run_compare(["--smoke", "--backends", "torch", "--sections", "accuracy",
-                        "--optimizers", "looksam,msam", "--data-dir", str(data),
-                        "--out", str(out), "--threads", "1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["errors"] == {}
-    runs = results["accuracy"]["runs"]
-    assert set(runs) == {"torch SGD", "torch SAM", "torch ASAM", "torch looksam", "torch msam"}
-    for run in runs.values():
-        (h,) = run["history"]
-        assert 0.0 <= h["test_acc"] <= 1.0 and np.isfinite(h["test_loss"])
-    # the variants trained: their weights differ from SGD's (different test loss)
-    assert runs["torch looksam"]["history"][0]["test_loss"] != runs["torch SGD"]["history"][0][
-        "test_loss"]
-    # no section with a target ran: the report says so instead of an empty table
-    assert results["targets"] == []
-    report = (out / "report.md").read_text()
-    assert "No target is measured by the sections of this run" in report
-    assert "| target | measured | holds |" not in report
-
-
 def test_unknown_optimizer_is_refused_with_the_choices() -> None:
     with pytest.raises(SystemExit):
         compare.build_parser().parse_args(["--optimizers", "adamw"])
@@ -510,7 +374,7 @@ def test_run_folders_never_collide(tmp_path: Path) -> None:
     assert all(f.is_dir() and not any(f.iterdir()) for f in (a, b, c))
 
 
-def test_out_is_honoured(tmp_path: Path) -> None:
+def test_out_is_honoured_and_a_run_without_targets_says_so(tmp_path: Path) -> None:
     out = tmp_path / "given"
     returned = compare.main(["--smoke", "--sections", "memory", "--backends", "torch",
                              "--out", str(out), "--no-progress"])
@@ -518,7 +382,17 @@ def test_out_is_honoured(tmp_path: Path) -> None:
     assert results["out"] == returned["out"] == "DIR" and results["sections"] == ["memory"]
     assert results["memory"]["torch"]["rows"]["sam_torch (SAM)"]["extra_buffers"] == (
         pytest.approx(1.0, abs=1e-3))
-    assert (out / "report.md").is_file()
+    assert [t["target"] for t in results["targets"]] == [
+        "sam_torch (SAM) extra memory <= 1 parameter-sized buffer",
+        "sam_torch (ASAM) extra memory <= 1 parameter-sized buffer"]
+    # the same run's report without its one section with targets: it says so instead of
+    # an empty table
+    bare = {k: v for k, v in results.items() if k not in ("memory", "targets")}
+    bare["sections"] = []
+    (tmp_path / "bare").mkdir()
+    text = report.write_report(bare, tmp_path / "bare", [])
+    assert "No target is measured by the sections of this run" in text
+    assert "| target | measured | holds |" not in text
 
 
 def test_python_m_benchmarks_is_the_main_job() -> None:

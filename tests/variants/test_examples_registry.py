@@ -26,7 +26,7 @@ from examples.optimizers import (  # noqa: E402
 )
 from examples.wrn_flax import WideResNet as FlaxWRN  # noqa: E402
 from examples.wrn_torch import WideResNet as TorchWRN  # noqa: E402
-from tests.helpers import jax_x64, max_rel_diff  # noqa: E402
+from tests.helpers import conv_jit, jax_x64, max_rel_diff  # noqa: E402
 
 VARIANTS = ("gsam", "samon", "looksam", "everyk", "msam", "fsam", "wsam", "vasso", "aesam")
 DEPTH, WIDTH, CLASSES = 10, 1, 10
@@ -158,7 +158,7 @@ def test_registry_steps_agree_across_backends(name):
         state = tx.init(params)
         grad_fn = jax.value_and_grad(loss_fn)
 
-        @jax.jit
+        @conv_jit  # float64 convolutions: XLA's level 1, not the tests' 0
         def step(params, state):
             loss, grads = grad_fn(params)
             updates, state = tx.update(grads, state, params, grad_fn=grad_fn, value=loss)
