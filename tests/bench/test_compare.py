@@ -396,8 +396,8 @@ def test_out_is_honoured_and_a_run_without_targets_says_so(tmp_path: Path) -> No
 
 
 def test_python_m_benchmarks_is_the_main_job() -> None:
-    """``python -m benchmarks`` reaches compare.py's command line (its whole runs are the
-    smoke tests above, through the script)."""
+    """``python -m benchmarks`` reaches compare.py's command line (its whole runs, through
+    the script, are in tests/bench/test_smoke_job.py)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
