@@ -70,7 +70,9 @@ def test_the_run_names_the_machine_and_no_folder_of_it(torch_run: SmokeRun) -> N
     # the report and the JSON name the machine by what it is, never a folder of it
     for text in (report, (torch_run.out / "results.json").read_text()):
         assert str(torch_run.root) not in text and str(ROOT) not in text
-    assert "--data-dir DIR" in results["command"] and "--out DIR" in results["command"]
+    assert results["command"] == ("python benchmarks/compare.py --smoke --backends torch "
+                                  "--data-dir DIR --optimizers looksam,msam --threads 1 "
+                                  "--out DIR")
     assert results["accuracy"]["data"] == "the folder given by --data-dir"
     assert "**Smoke run**" in report and "† few repeats (smoke run)" in report
     assert str(torch_run.out) in torch_run.proc.stdout and "report.md" in torch_run.proc.stdout
