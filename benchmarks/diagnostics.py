@@ -5,10 +5,10 @@ CIFAR-shaped data (the cost does not depend on the values), float32:
 
 * one gradient evaluation (the unit every other figure is a multiple of);
 * one Hessian-vector product (HVP) by each implementation: over one batch, with what does not
-  depend on the vector built once and reused by every product (torch: ``torch.func.vjp`` of
-  the gradient, the default, and the double backward through the gradient's retained graph;
+  depend on the vector built once and reused by every product (torch: the double backward
+  through the gradient's retained graph, the default, and ``torch.func.vjp`` of the gradient;
   JAX: ``jax.linearize`` of the gradient, the default), and per product from the weights, as
-  over several batches (torch: double backward, the default there, and ``torch.func``
+  over several batches (torch: double backward, the default there too, and ``torch.func``
   forward-over-reverse; JAX: ``jvp`` of ``grad``, full size only);
 * ``hessian_eigenvalues(k=1)`` with a fixed number of Lanczos iterations (``tol=0``: no early
   stop), in both backends;
@@ -43,8 +43,8 @@ TITLE = "8. Diagnostics: cost of Hessian-vector products and lambda_max"
 
 #: The HVP rows by implementation (torch): the default over one batch first.
 TORCH_ROWS = {
-    "func": "HVP, torch.func vjp of grad, built once (default, one batch)",
-    "double_backward": "HVP, double backward, graph built once (one batch)",
+    "double_backward": "HVP, double backward, graph built once (default, one batch)",
+    "func": "HVP, torch.func vjp of grad, built once (one batch)",
     "double_backward_per_product": "HVP, double backward, per product (default, several batches)",
     "func_per_product": "HVP, torch.func jvp of grad, per product",
 }
@@ -130,8 +130,8 @@ def run_torch(cfg: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         reused = {m: o.hvp_operator(batch) for m, o in objectives.items()}
         fns = {
             "gradient": lambda: objectives["func"].value_and_grad(None, batch),
-            TORCH_ROWS["func"]: lambda: reused["func"](v),
             TORCH_ROWS["double_backward"]: lambda: reused["double_backward"](v),
+            TORCH_ROWS["func"]: lambda: reused["func"](v),
             # Over several batches each product starts from the weights, per batch.
             TORCH_ROWS["double_backward_per_product"]: lambda: objectives["double_backward"].hvp(v, batch),
             TORCH_ROWS["func_per_product"]: lambda: objectives["func"].hvp(v, batch),
@@ -306,7 +306,7 @@ def report(result: dict[str, Any]) -> list[str]:
 def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     """One HVP <= 2.5 gradient evaluations, per backend (the default over one batch)."""
     out: list[tuple[str, str, bool | None]] = []
-    for backend, name in (("torch", TORCH_ROWS["func"]), ("jax", JAX_ROWS["linearized"])):
+    for backend, name in (("torch", TORCH_ROWS["double_backward"]), ("jax", JAX_ROWS["linearized"])):
         row = result.get(backend, {}).get("rows", {}).get(name)
         if row is None:
             continue

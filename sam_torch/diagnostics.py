@@ -33,10 +33,13 @@ backward, ``torch.func.vjp(torch.func.grad(f))`` for ``"func"`` (reverse over re
 Hessian is symmetric, so the vjp of the gradient is :math:`Hv`), each product one backward
 through it. Over several batches each product rebuilds it per batch (one batch's graph held
 at a time): the double backward, or ``torch.func.jvp(torch.func.grad(f))`` (forward over
-reverse) for ``"func"``. ``"auto"`` takes the faster as measured on CPU by
-``benchmarks/diagnostics.py`` (WRN-16-2, batch 128, float32): ``"func"`` over one batch (1.9
-gradients per product against 2.4 for the reused double backward), the double backward over
-several (4.0 gradients per product against 4.2 for the forward-over-reverse).
+reverse) for ``"func"``. In the reverse-over-reverse products, convolutions and eval-mode
+BatchNorm record a cheaper second derivative than torch's own (the weight-gradient term by
+the native kernel, BatchNorm as its per-channel affine map; same numbers up to rounding,
+``sam_torch/_hvp_ops.py``). ``"auto"`` is the double backward, the faster as measured on CPU
+by ``benchmarks/diagnostics.py`` (WRN-16-2, batch 128, float32): over one batch 2.1
+gradients per product against 2.2 for ``torch.func``'s vjp, over several 3.5 against 3.8 for
+the forward-over-reverse.
 
 The math is :mod:`sam_core`'s; ``sam_jax.diagnostics`` computes the same numbers.
 """
@@ -57,6 +60,7 @@ from sam_core._diagnostics import Landscape, SharpnessEstimate, TraceEstimate
 from sam_core._plots import plot_landscape, plot_spectrum
 from sam_core._validation import check_nonnegative, check_positive_int
 
+from ._hvp_ops import HVPFriendly
 from ._ops import TorchOps
 
 __all__ = [
@@ -327,7 +331,8 @@ class _Objective:
 
     def _hvp_double_backward(self, point: list[Tensor], v: list[Tensor], batch: Any) -> list[Tensor]:
         ps = [p.detach().requires_grad_(True) for p in point]
-        loss = self._checked(self._call(ps, batch))
+        with HVPFriendly():
+            loss = self._checked(self._call(ps, batch))
         grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True, materialize_grads=True)
         pairs = [(g, vi, i) for i, (g, vi) in enumerate(zip(grads, v, strict=True)) if g.requires_grad]
         out = [torch.zeros_like(p) for p in ps]
@@ -364,9 +369,9 @@ class _Objective:
             return lambda v: self.hvp(v, batches)
         (batch,) = batches
         _batch_size(batch)  # validates the batch
-        if self.hvp_method in ("func", "auto"):
+        if self.hvp_method == "func":
             return self._func_operator(batch)
-        with torch.enable_grad():
+        with torch.enable_grad(), HVPFriendly():
             ps = [p.detach().requires_grad_(True) for p in self.params]
             loss = self._checked(self._call(ps, batch))
             grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True, materialize_grads=True)
@@ -390,7 +395,8 @@ class _Objective:
 
         # The Hessian is symmetric: the vjp of the gradient is H v (reverse over reverse), and
         # its vjp_fn replays the recorded backward for each v.
-        _, vjp_fn = torch.func.vjp(torch.func.grad(loss_of), dict(zip(names, self.params, strict=True)))
+        with HVPFriendly():
+            _, vjp_fn = torch.func.vjp(torch.func.grad(loss_of), dict(zip(names, self.params, strict=True)))
 
         def product(v: list[Tensor]) -> list[Tensor]:
             (hv,) = vjp_fn(dict(zip(names, v, strict=True)))
@@ -412,8 +418,8 @@ class _Objective:
         return self.ops.scale(total, 1.0 / count)
 
     def _one_hvp(self, point: list[Tensor], v: list[Tensor], batch: Any) -> list[Tensor]:
-        # "auto" over several batches: the double backward, measured faster than the
-        # forward-over-reverse when each product starts from the weights.
+        # "auto": the double backward, measured faster than the forward-over-reverse when
+        # each product starts from the weights.
         if self.hvp_method == "func":
             return self._hvp_func(point, v, batch)
         return self._hvp_double_backward(point, v, batch)

@@ -202,7 +202,7 @@ def test_diagnostics_section_times_hvps_and_lambda_max(torch_run: SmokeRun) -> N
     assert set(diagnostics.TORCH_ROWS.values()) <= set(rows)
     for name in diagnostics.TORCH_ROWS.values():
         assert rows[name]["median_ms"] > 0 and rows[name]["ratio_to_gradient"]["median"] > 0
-    hvp = rows[diagnostics.TORCH_ROWS["func"]]
+    hvp = rows[diagnostics.TORCH_ROWS["double_backward"]]
     lanczos = rows[f"lambda_max, Lanczos {smoke['iterations']} iterations (sam_torch)"]
     power = rows[f"lambda_max, PyHessian-style power iteration, {smoke['iterations']} products"]
     # Same model and data: after 3 products, Lanczos's Ritz value is at least the power
