@@ -130,7 +130,7 @@ class _Conv(torch.autograd.Function):
 def _conv(dims: int, x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
           padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor | None:
     """The convolution through :class:`_Conv`, or ``None`` where the built-in one must run."""
-    if isinstance(padding, str) or torch.is_autocast_enabled() or x.dim() != dims + 2:
+    if isinstance(padding, str) or x.dim() != dims + 2 or torch.is_autocast_enabled(x.device.type):
         return None
     y = _Conv.apply(x, weight, _Config(dims, stride, padding, dilation, groups))
     if bias is not None:

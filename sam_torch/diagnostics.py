@@ -37,9 +37,9 @@ reverse) for ``"func"``. In the reverse-over-reverse products, convolutions and 
 BatchNorm record a cheaper second derivative than torch's own (the weight-gradient term by
 the native kernel, BatchNorm as its per-channel affine map; same numbers up to rounding,
 ``sam_torch/_hvp_ops.py``). ``"auto"`` is the double backward, the faster as measured on CPU
-by ``benchmarks/diagnostics.py`` (WRN-16-2, batch 128, float32): over one batch 2.1
-gradients per product against 2.2 for ``torch.func``'s vjp, over several 3.5 against 3.8 for
-the forward-over-reverse.
+by ``benchmarks/diagnostics.py`` (WRN-16-2, batch 128, float32): over one batch 2.17
+gradients per product against 2.21 for ``torch.func``'s vjp, over several 3.54 against 3.78
+for the forward-over-reverse.
 
 The math is :mod:`sam_core`'s; ``sam_jax.diagnostics`` computes the same numbers.
 """

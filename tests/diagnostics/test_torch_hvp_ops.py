@@ -110,10 +110,14 @@ def test_the_mode_records_its_own_operations_and_falls_back_where_it_must():
         same = F.conv2d(x, w, padding="same")
         bn_eval = F.batch_norm(x, mean, var, training=False)
         bn_train = F.batch_norm(x, None, None, training=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = F.conv2d(x.float(), w.float(), padding=1)
     assert "_Conv" in type(conv.grad_fn).__name__
     assert "_Conv" not in type(same.grad_fn).__name__  # string padding: torch's convolution
     assert "BatchNorm" not in type(bn_eval.grad_fn).__name__  # the affine map
     assert "BatchNorm" in type(bn_train.grad_fn).__name__  # batch statistics: torch's own
+    assert "_Conv" not in type(autocast.grad_fn).__name__  # autocast: torch's convolution
+    assert autocast.dtype == torch.bfloat16
     torch.testing.assert_close(conv, F.conv2d(x, w, padding=1), rtol=0, atol=1e-12)
     torch.testing.assert_close(bn_eval, F.batch_norm(x, mean, var, training=False), rtol=0, atol=1e-12)
 
