@@ -182,7 +182,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The distribution that installs a module, where its name differs.
+_DISTRIBUTIONS = {"sklearn": "scikit-learn", "sam_core": "sam-opt"}
+
+
 def _version(module: str) -> str | None:
+    """The installed version of ``module`` (``None``: not installed), from the package
+    metadata when the module is not imported yet: importing JAX, Flax, scikit-learn and
+    pytorch_optimizer only to read their versions cost a run several seconds."""
+    if module not in sys.modules:
+        try:
+            return importlib.metadata.version(_DISTRIBUTIONS.get(module, module))
+        except importlib.metadata.PackageNotFoundError:
+            pass  # e.g. a source checkout on sys.path: import it
     try:
         mod = importlib.import_module(module)
     except Exception:

@@ -559,3 +559,17 @@ def test_peak_memory_and_machine_description() -> None:
     info = machine_info(3)
     assert info["threads"] == 3 and info["logical_cpus"] == os.cpu_count()
     assert info["cpu"] and "/" not in info["platform"]
+    assert info["torch"] == torch.__version__ and info["numpy"] == np.__version__
+
+
+def test_versions_come_from_the_metadata_without_importing(monkeypatch) -> None:
+    import sklearn
+
+    import sam_core
+    from benchmarks._timing import _version
+
+    for name, module in (("sklearn", sklearn), ("sam_core", sam_core)):
+        monkeypatch.delitem(sys.modules, name)  # as in a fresh process (restored afterwards)
+        assert _version(name) == module.__version__  # the distribution's name differs
+        assert name not in sys.modules
+    assert _version("no_such_module_here") is None
