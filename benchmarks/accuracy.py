@@ -207,9 +207,10 @@ def run_cifar(config: Mapping[str, Any], progress: Any, found: str) -> dict[str,
             r = train_jax(kind, budget, found, progress)
             runs[f"jax {kind}"] = r
             _log(progress, f"  jax {kind}: {_last(r)} ({r['seconds']:.0f} s)")
-    full = config.get("mode") == "full"
-    alphas = np.linspace(-1.0, 1.0, 21 if full else 11)
-    n_probe = 1000 if full else 500
+    mode = config.get("mode", "quick")
+    # the smoke run (seconds: the tests) takes the curve through 0 on a small probe
+    alphas = np.linspace(-1.0, 1.0, {"full": 21, "smoke": 5}.get(mode, 11))
+    n_probe = {"full": 1000, "smoke": 128}.get(mode, 500)
     train = data.load_training_data(cifar_config("SGD", budget, found)).train
     probe = data.Split(train.images[:n_probe], train.labels[:n_probe])
     landscape = {k: loss_landscape(models[k], probe, data, alphas)

@@ -188,7 +188,9 @@ def test_cifar_runs_go_through_the_examples_training(
 
     alphas = res["landscape"]["alphas"]
     probe = data_mod.load_training_data(accuracy.cifar_config("SGD", budget, str(data))).train
-    probe = data_mod.Split(probe.images[:500], probe.labels[:500])
+    n = res["landscape"]["probe_images"]
+    assert n == 128 and alphas == [-1.0, -0.5, 0.0, 0.5, 1.0]  # the smoke run's
+    probe = data_mod.Split(probe.images[:n], probe.labels[:n])
     (xb, yb), = data_mod.batches(probe, 500)  # the probe as the section feeds it, one batch
     x, y = torch.from_numpy(data_mod.to_nchw(xb)), torch.from_numpy(yb)
     for kind, model in (("SGD", models[0]), ("SAM", models[1])):
