@@ -113,8 +113,8 @@ MODES = ("smoke", "quick", "full")
 #: near it. ``STARTUP`` is what lies outside the sections: start-up, imports, the plots and
 #: the report (15 s measured on a first run: imports and the first compiles outside sections).
 #: ``overhead`` includes torch.compile's first build of the compiled ASAM perturbation when
-#: inductor's own cache (outside the clone) is empty: 34 s on a fresh 2-core machine, 14 s
-#: with that cache. The knob if a machine comes out over: the sections' ``SIZES["quick"]``.
+#: inductor's own cache (outside the clone) is empty: 34-35 s on a fresh 2-core Intel Xeon,
+#: 14 s with that cache. The knob if a machine comes out over: the sections' ``SIZES["quick"]``.
 BUDGET_S: dict[str, float] = {
     "STARTUP": 15,
     "overhead": 45,
